@@ -1,0 +1,1 @@
+"""Checkpoint formats: HF safetensors, native (torch.distributed.checkpoint), Megatron mcore."""

@@ -1,0 +1,1 @@
+"""Megatron indexed datasets, preprocessing, and the GPT sample index that training reads."""

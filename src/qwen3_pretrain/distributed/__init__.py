@@ -1,0 +1,1 @@
+"""Device and backend selection, device mesh, and the parallelisms applied to the model from outside."""

@@ -1,0 +1,1 @@
+"""The training loop, optimizer and LR schedule, metrics and logging."""
