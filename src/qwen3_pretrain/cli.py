@@ -12,6 +12,7 @@ import sys
 # name -> (module with main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("qwen3_pretrain.tokenizer", "build the offline Qwen3 tokenizer (tokenizer build OUT_DIR)"),
+    "plan": ("qwen3_pretrain.distributed.planner", "estimate memory and speed of every parallel layout"),
 }
 
 

@@ -1,0 +1,363 @@
+"""Layout planner: memory per device and step time for (tp, pp, dp, micro batch, recompute) layouts.
+
+The memory model counts what our implementation keeps alive, per device:
+- weights, gradients and AdamW states of the device's parameters: fp32 master weights + fp32 grads
+  + two fp32 moments, sharded over dp by FSDP2 (replicated with `no_shard`), plus the bf16 copy of
+  the largest layer that FSDP gathers for compute (two in flight: one computing, one prefetched);
+- activations saved for backward, per token and layer, counted tensor by tensor for our Qwen3
+  block (see `_layer_activation_bytes`), times the tokens in flight: micro batch x seq for each of
+  the `pp - stage` micro batches 1F1B keeps in flight on the first stage;
+- the LM head's logits and cross-entropy buffers on the last stage (vocab sharded by tp);
+- a fixed runtime overhead (allocator slack, communication buffers).
+The step-time model is FLOPs / (peak x efficiency) + the tensor-parallel all-reduces that cannot
+overlap + the pipeline bubble; data-parallel traffic is assumed overlapped except the last layer's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass
+
+from qwen3_pretrain.model.config import ConfigError, Qwen3Config, get_preset
+
+GIB = 2**30
+RECOMPUTE_CHOICES = ("none", "selective", "full")
+
+# Dense bf16 peaks (TFLOP/s) and per-device interconnect bandwidth (GB/s) of common devices.
+DEVICE_SPECS: dict[str, tuple[float, float]] = {
+    "h100": (989.0, 450.0),
+    "h200": (989.0, 450.0),
+    "a100": (312.0, 300.0),
+    "910b": (313.0, 196.0),
+    "910b4": (280.0, 196.0),
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One parallel layout of a training job."""
+
+    tp: int
+    pp: int
+    dp: int
+    micro_batch_size: int
+    recompute: str = "none"
+    sequence_parallel: bool = False
+    shard: bool = True  # FSDP2 over dp; False = replicated (DDP-style)
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per device, by kind."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    logits: float
+    overhead: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.logits + self.overhead
+
+    def as_gib(self) -> dict[str, float]:
+        fields = {f.name: getattr(self, f.name) / GIB for f in dataclasses.fields(self)}
+        return {**fields, "total": self.total / GIB}
+
+
+def _layer_params(cfg: Qwen3Config) -> int:
+    """Parameters of one transformer block."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    return 2 * h * q + 2 * h * kv + 2 * d + 3 * h * cfg.intermediate_size + 2 * h
+
+
+def _stage_params(cfg: Qwen3Config, layout: Layout) -> float:
+    """Parameters held by the most loaded device (first stage; last stage when it is heavier)."""
+    layers = math.ceil(cfg.num_hidden_layers / layout.pp)
+    embedding = cfg.vocab_size * cfg.hidden_size
+    body = layers * _layer_params(cfg)
+    if layout.pp == 1:
+        heads = embedding * (1 if cfg.tie_word_embeddings else 2) + cfg.hidden_size
+    else:  # the last stage holds the LM head (its own copy when tied) + final norm
+        heads = embedding + cfg.hidden_size
+    return (body + heads) / layout.tp
+
+
+def _layer_activation_bytes(cfg: Qwen3Config, layout: Layout, compute_bytes: int) -> float:
+    """Bytes saved for backward per token by one block, as our Qwen3 block computes it.
+
+    RMSNorm keeps its fp32 input and its normalised output (4 + c bytes per element) and the
+    following linear keeps the scaled output (c); q/k norms likewise on q and k; attention keeps
+    q, k, v (after RoPE) and its output; the MLP keeps gate, up, silu(gate) and their product.
+    Norm terms are split by tp only with sequence parallelism.
+    """
+    c = compute_bytes
+    h = cfg.hidden_size
+    q = cfg.num_attention_heads * cfg.head_dim
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    f = cfg.intermediate_size
+    norms = 2 * (4 + 2 * c) * h  # input_layernorm + post_attention_layernorm (+ the linear inputs)
+    qk_norms = (4 + c) * (q + kv)
+    attention = c * (2 * q + 2 * kv)
+    mlp = 4 * c * f
+    tp = layout.tp
+    sharded = (qk_norms + attention + mlp) / tp
+    return sharded + (norms / tp if layout.sequence_parallel else norms)
+
+
+def _recomputed_layer_bytes(cfg: Qwen3Config, layout: Layout, compute_bytes: int) -> float:
+    """Bytes per token per block that survive to backward under the layout's recompute setting."""
+    full = _layer_activation_bytes(cfg, layout, compute_bytes)
+    if layout.recompute == "full":  # only the block input is kept
+        return compute_bytes * cfg.hidden_size / (layout.tp if layout.sequence_parallel else 1)
+    if layout.recompute == "selective":  # attention core and MLP activation are recomputed
+        saved_mlp = 2 * compute_bytes * cfg.intermediate_size / layout.tp
+        attention = compute_bytes * (2 * cfg.num_attention_heads * cfg.head_dim) / layout.tp
+        return full - saved_mlp - attention
+    return full
+
+
+def estimate_memory(
+    cfg: Qwen3Config,
+    layout: Layout,
+    seq_length: int,
+    compute_dtype_bytes: int = 2,
+    master_bytes: int = 4,
+    overhead_bytes: float = 0.5 * GIB,
+    loss_chunk_tokens: int | None = None,
+) -> MemoryEstimate:
+    """Peak memory per device of one training step.
+
+    compute_dtype_bytes: 2 for bf16/fp16 compute, 4 for fp32. master_bytes: bytes per stored
+    weight/gradient element (fp32 = 4). loss_chunk_tokens: tokens per LM-head chunk when the loss is
+    computed in chunks (None = all tokens of the micro batch at once).
+    """
+    params = _stage_params(cfg, layout)
+    shard = layout.dp if layout.shard else 1
+    weights = master_bytes * params / shard
+    gradients = master_bytes * params / shard
+    optimizer = 8 * params / shard
+    if layout.shard and layout.dp > 1 or compute_dtype_bytes != master_bytes:
+        # bf16 (or gathered) copies of the block being computed and the prefetched one
+        weights += 2 * compute_dtype_bytes * _layer_params(cfg) / layout.tp
+    tokens = layout.micro_batch_size * seq_length
+    layers_per_stage = math.ceil(cfg.num_hidden_layers / layout.pp)
+    in_flight = layout.pp  # 1F1B: the first stage holds pp micro batches
+    per_layer = _recomputed_layer_bytes(cfg, layout, compute_dtype_bytes)
+    activations = per_layer * tokens * layers_per_stage * in_flight
+    if layout.recompute == "full":  # one block is rematerialised at a time during backward
+        activations += _layer_activation_bytes(cfg, layout, compute_dtype_bytes) * tokens
+    head_tokens = tokens if loss_chunk_tokens is None else min(tokens, loss_chunk_tokens)
+    # logits in compute dtype, their fp32 copy and fp32 log-softmax (+ grad of the same size)
+    logits = head_tokens * cfg.vocab_size / layout.tp * (compute_dtype_bytes + 4 + 4)
+    return MemoryEstimate(weights, gradients, optimizer, activations, logits, overhead_bytes)
+
+
+@dataclass(frozen=True)
+class TimeEstimate:
+    """Seconds per iteration and the derived throughput."""
+
+    step_seconds: float
+    tokens_per_second: float
+    mfu: float
+
+
+def estimate_step_time(
+    cfg: Qwen3Config,
+    layout: Layout,
+    seq_length: int,
+    global_batch_size: int,
+    peak_tflops: float,
+    link_gbps: float,
+    efficiency: float = 0.6,
+) -> TimeEstimate:
+    """Step time from FLOPs, the tp all-reduces on the critical path, and the pipeline bubble."""
+    tokens = global_batch_size * seq_length
+    model_flops = cfg.flops_per_token(seq_length) * tokens
+    recompute_factor = {"none": 1.0, "selective": 1.05, "full": 4 / 3}[layout.recompute]
+    flops = model_flops * recompute_factor  # full recompute runs one more forward
+    compute = flops / layout.world_size / (peak_tflops * 1e12 * efficiency)
+    micro_batches = global_batch_size // (layout.micro_batch_size * layout.dp)
+    tp_seconds = 0.0
+    if layout.tp > 1:
+        # 4 all-reduces (or reduce-scatter + all-gather pairs) of b*s*h bf16 per block, fwd + bwd
+        volume = 2 * layout.micro_batch_size * seq_length * cfg.hidden_size
+        ring = 2 * (layout.tp - 1) / layout.tp * volume / (link_gbps * 1e9)
+        layers = math.ceil(cfg.num_hidden_layers / layout.pp)
+        tp_seconds = 4 * ring * layers * micro_batches
+    dp_seconds = 0.0
+    if layout.dp > 1:  # the last block's gradient reduce-scatter cannot overlap with compute
+        grad_bytes = 4 * _layer_params(cfg) / layout.tp
+        dp_seconds = (layout.dp - 1) / layout.dp * grad_bytes / (link_gbps * 1e9)
+    bubble = (layout.pp - 1) / (micro_batches + layout.pp - 1) if layout.pp > 1 else 0.0
+    step = (compute + tp_seconds) / (1 - bubble) + dp_seconds
+    ideal = model_flops / layout.world_size / (peak_tflops * 1e12)
+    return TimeEstimate(step, tokens / step, ideal / step)
+
+
+def validate_layout(cfg: Qwen3Config, layout: Layout, global_batch_size: int) -> str | None:
+    """The reason this layout is impossible, naming the flag to change, or None."""
+    tp_flag, pp_flag = "--tensor-model-parallel-size", "--pipeline-model-parallel-size"
+    if cfg.num_attention_heads % layout.tp:
+        return f"{tp_flag} {layout.tp} must divide num attention heads {cfg.num_attention_heads}"
+    if cfg.num_key_value_heads % layout.tp:
+        return f"{tp_flag} {layout.tp} must divide num query groups (kv heads) {cfg.num_key_value_heads}"
+    if cfg.vocab_size % layout.tp:
+        return f"{tp_flag} {layout.tp} must divide the vocabulary size {cfg.vocab_size}"
+    if cfg.num_hidden_layers % layout.pp:
+        return f"{pp_flag} {layout.pp} must divide num layers {cfg.num_hidden_layers} (or pass --num-layer-list)"
+    if global_batch_size % (layout.micro_batch_size * layout.dp):
+        return (
+            f"--global-batch-size {global_batch_size} must be divisible by --micro-batch-size "
+            f"{layout.micro_batch_size} x data-parallel size {layout.dp}"
+        )
+    if layout.sequence_parallel and layout.tp == 1:
+        return "--sequence-parallel needs --tensor-model-parallel-size > 1"
+    return None
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    layout: Layout
+    memory: MemoryEstimate
+    time: TimeEstimate
+    fits: bool
+
+
+def enumerate_layouts(devices: int, max_micro_batch: int = 8) -> list[Layout]:
+    """Every (tp, pp, dp, micro batch, recompute) whose product of parallel sizes is `devices`."""
+    layouts = []
+    powers = [2**i for i in range(int(math.log2(max_micro_batch)) + 1)]
+    for tp in _divisors(devices):
+        for pp in _divisors(devices // tp):
+            dp = devices // (tp * pp)
+            for mbs in powers:
+                for recompute in RECOMPUTE_CHOICES:
+                    layouts.append(Layout(tp, pp, dp, mbs, recompute, sequence_parallel=tp > 1))
+    return layouts
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def plan(
+    cfg: Qwen3Config,
+    devices: int,
+    device_memory_bytes: float,
+    seq_length: int,
+    global_batch_size: int,
+    peak_tflops: float,
+    link_gbps: float,
+    loss_chunk_tokens: int | None = None,
+) -> list[PlanRow]:
+    """All valid layouts with estimates, fitting ones first, fastest first."""
+    rows = []
+    for layout in enumerate_layouts(devices):
+        if validate_layout(cfg, layout, global_batch_size):
+            continue
+        memory = estimate_memory(cfg, layout, seq_length, loss_chunk_tokens=loss_chunk_tokens)
+        time = estimate_step_time(cfg, layout, seq_length, global_batch_size, peak_tflops, link_gbps)
+        rows.append(PlanRow(layout, memory, time, memory.total <= device_memory_bytes))
+    rows.sort(key=lambda r: (not r.fits, r.time.step_seconds, r.memory.total))
+    return rows
+
+
+def parse_size(text: str) -> float:
+    """'32GB', '32GiB', '64g', '8000MB' -> bytes (GB and GiB both read as GiB, as device specs do)."""
+    units = {"t": 2**40, "g": 2**30, "m": 2**20, "k": 2**10, "": 1}
+    raw = text.strip().lower().removesuffix("b").removesuffix("i")
+    unit = raw[-1] if raw and raw[-1] in units else ""
+    number = raw[: len(raw) - len(unit)] if unit else raw
+    try:
+        return float(number) * units[unit]
+    except ValueError:
+        raise ValueError(f"--device-memory {text!r}: use a size such as 32GB or 80GiB") from None
+
+
+def format_table(rows: list[PlanRow], limit: int | None = None) -> str:
+    """A fixed-width table of plan rows."""
+    header = (
+        f"{'tp':>3} {'pp':>3} {'dp':>3} {'mbs':>4} {'recompute':>10} | {'weights':>8} {'grads':>7} "
+        f"{'optim':>7} {'activ':>7} {'logits':>7} {'total':>7} GiB | {'step s':>7} {'tok/s':>9} {'MFU':>5} | fits"
+    )
+    lines = [header, "-" * len(header)]
+    for row in rows[:limit]:
+        m = row.memory.as_gib()
+        lay = row.layout
+        lines.append(
+            f"{lay.tp:>3} {lay.pp:>3} {lay.dp:>3} {lay.micro_batch_size:>4} {lay.recompute:>10} | "
+            f"{m['weights']:>8.2f} {m['gradients']:>7.2f} {m['optimizer']:>7.2f} {m['activations']:>7.2f} "
+            f"{m['logits']:>7.2f} {m['total']:>7.2f}     | {row.time.step_seconds:>7.2f} "
+            f"{row.time.tokens_per_second:>9.0f} {row.time.mfu:>5.1%} | {'yes' if row.fits else 'no'}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    """`qwen3-pretrain plan`: which layouts fit, and the recommended one."""
+    parser = argparse.ArgumentParser(prog="qwen3-pretrain plan", description=main.__doc__)
+    parser.add_argument("--model", default="qwen3-1.7b", help="preset name or HF directory with config.json")
+    parser.add_argument("--seq-length", type=int, default=4096)
+    parser.add_argument("--global-batch-size", type=int, default=64)
+    parser.add_argument("--devices", type=int, default=8)
+    parser.add_argument("--device-memory", default="32GB", help="memory per device, e.g. 32GB, 80GB")
+    parser.add_argument("--device", default="910b4", help=f"peak/bandwidth preset: {', '.join(DEVICE_SPECS)}")
+    parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak per device (overrides --device)")
+    parser.add_argument("--link-gbps", type=float, help="per-device interconnect GB/s (overrides --device)")
+    parser.add_argument("--loss-chunk-tokens", type=int, default=None, help="LM-head chunk size in tokens")
+    parser.add_argument("--all", action="store_true", help="show every layout, not only the best 25")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    try:
+        cfg = _load_model_config(args.model)
+        memory = parse_size(args.device_memory)
+    except (ConfigError, ValueError) as exc:
+        print(f"qwen3-pretrain plan: {exc}", file=sys.stderr)
+        return 2
+    if args.device.lower() not in DEVICE_SPECS and (args.peak_tflops is None or args.link_gbps is None):
+        print(f"qwen3-pretrain plan: unknown --device {args.device!r}; use one of {', '.join(DEVICE_SPECS)} "
+              "or give --peak-tflops and --link-gbps", file=sys.stderr)
+        return 2
+    peak, link = DEVICE_SPECS.get(args.device.lower(), (0.0, 0.0))
+    peak, link = args.peak_tflops or peak, args.link_gbps or link
+    rows = plan(cfg, args.devices, memory, args.seq_length, args.global_batch_size, peak, link, args.loss_chunk_tokens)
+    if not rows:
+        print("qwen3-pretrain plan: no valid layout for these sizes", file=sys.stderr)
+        return 1
+    print(f"{args.model}: {cfg.num_parameters() / 1e9:.2f}B parameters, seq {args.seq_length}, "
+          f"global batch {args.global_batch_size}, {args.devices} x {args.device_memory} ({args.device}, "
+          f"{peak:.0f} TFLOP/s bf16, {link:.0f} GB/s)")
+    print(format_table(rows, None if args.all else 25))
+    best = rows[0]
+    if best.fits:
+        lay = best.layout
+        print(f"\nrecommended: --tensor-model-parallel-size {lay.tp} --pipeline-model-parallel-size {lay.pp} "
+              f"--micro-batch-size {lay.micro_batch_size}" + (" --sequence-parallel" if lay.sequence_parallel else "")
+              + (f" --recompute-granularity {lay.recompute}" if lay.recompute != "none" else "")
+              + f"  (data parallel {lay.dp}, {best.memory.total / GIB:.1f} GiB per device)")
+    else:
+        print("\nno layout fits: add devices, use recompute, or a smaller --seq-length", file=sys.stderr)
+    if args.json:
+        payload = [{"layout": dataclasses.asdict(r.layout), "memory_gib": r.memory.as_gib(),
+                    "step_seconds": r.time.step_seconds, "tokens_per_second": r.time.tokens_per_second,
+                    "mfu": r.time.mfu, "fits": r.fits} for r in rows]
+        with open(args.json, "w") as handle:
+            json.dump(payload, handle, indent=1)
+    return 0 if best.fits else 1
+
+
+def _load_model_config(name: str) -> Qwen3Config:
+    from pathlib import Path
+
+    return Qwen3Config.from_pretrained(name) if Path(name).is_dir() else get_preset(name)
