@@ -1,0 +1,112 @@
+"""Layout planner: validation, closed-form state memory, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qwen3_pretrain.distributed.planner import (
+    GIB,
+    Layout,
+    enumerate_layouts,
+    estimate_memory,
+    estimate_step_time,
+    main,
+    parse_size,
+    plan,
+    validate_layout,
+)
+from qwen3_pretrain.model.config import get_preset
+
+
+@pytest.mark.parametrize(
+    ("layout", "needle"),
+    [
+        (Layout(tp=3, pp=1, dp=1, micro_batch_size=1), "--tensor-model-parallel-size 3 must divide num attention heads"),
+        (Layout(tp=16, pp=1, dp=1, micro_batch_size=1), "num query groups"),
+        (Layout(tp=1, pp=3, dp=1, micro_batch_size=1), "--pipeline-model-parallel-size 3 must divide num layers 28"),
+        (Layout(tp=1, pp=1, dp=3, micro_batch_size=1), "--global-batch-size 64 must be divisible"),
+        (Layout(tp=1, pp=1, dp=1, micro_batch_size=1, sequence_parallel=True), "--sequence-parallel"),
+    ],
+)
+def test_invalid_layouts_name_the_flag(layout: Layout, needle: str) -> None:
+    reason = validate_layout(get_preset("qwen3-1.7b"), layout, global_batch_size=64)
+    assert reason is not None and needle in reason
+
+
+def test_valid_layout_passes() -> None:
+    assert validate_layout(get_preset("qwen3-1.7b"), Layout(2, 2, 2, 1, sequence_parallel=True), 64) is None
+
+
+def test_state_memory_is_sixteen_bytes_per_parameter_sharded_over_dp() -> None:
+    cfg = get_preset("qwen3-1.7b")
+    params = cfg.num_parameters()
+    for dp in (1, 2, 8):
+        mem = estimate_memory(cfg, Layout(1, 1, dp, 1, shard=True), seq_length=4096)
+        assert mem.gradients == pytest.approx(4 * params / dp)
+        assert mem.optimizer == pytest.approx(8 * params / dp)
+    replicated = estimate_memory(cfg, Layout(1, 1, 8, 1, shard=False), seq_length=4096)
+    assert replicated.optimizer == pytest.approx(8 * params)
+
+
+def test_activations_scale_with_tokens_and_shrink_with_tp_sp_and_recompute() -> None:
+    cfg = get_preset("qwen3-1.7b")
+    base = estimate_memory(cfg, Layout(1, 1, 8, 1), seq_length=4096).activations
+    assert estimate_memory(cfg, Layout(1, 1, 8, 2), 4096).activations == pytest.approx(2 * base)
+    assert estimate_memory(cfg, Layout(1, 1, 8, 1), 2048).activations == pytest.approx(base / 2)
+    tp_sp = estimate_memory(cfg, Layout(2, 1, 4, 1, sequence_parallel=True), 4096).activations
+    assert tp_sp == pytest.approx(base / 2)
+    tp_only = estimate_memory(cfg, Layout(2, 1, 4, 1), 4096).activations
+    assert base / 2 < tp_only < base
+    selective = estimate_memory(cfg, Layout(1, 1, 8, 1, "selective"), 4096).activations
+    full = estimate_memory(cfg, Layout(1, 1, 8, 1, "full"), 4096).activations
+    assert full < selective < base
+
+
+def test_pipeline_bubble_and_tp_traffic_slow_the_step() -> None:
+    cfg = get_preset("qwen3-1.7b")
+    pure_dp = estimate_step_time(cfg, Layout(1, 1, 8, 1), 4096, 64, 989.0, 450.0)
+    with_pp = estimate_step_time(cfg, Layout(1, 8, 1, 1), 4096, 64, 989.0, 450.0)
+    with_tp = estimate_step_time(cfg, Layout(8, 1, 1, 1), 4096, 64, 989.0, 450.0)
+    assert pure_dp.step_seconds < with_pp.step_seconds
+    assert pure_dp.step_seconds < with_tp.step_seconds
+    assert pure_dp.tokens_per_second == pytest.approx(64 * 4096 / pure_dp.step_seconds)
+
+
+def test_enumerate_covers_every_factorisation() -> None:
+    layouts = enumerate_layouts(8, max_micro_batch=1)
+    triples = {(lay.tp, lay.pp, lay.dp) for lay in layouts}
+    assert triples == {(t, p, 8 // (t * p)) for t in (1, 2, 4, 8) for p in (1, 2, 4, 8) if 8 % (t * p) == 0}
+    assert all(lay.world_size == 8 for lay in layouts)
+
+
+def test_plan_puts_fitting_layouts_first() -> None:
+    rows = plan(get_preset("qwen3-1.7b"), 8, 32 * GIB, 4096, 64, 280.0, 196.0)
+    fits = [row.fits for row in rows]
+    assert fits[0] and fits == sorted(fits, reverse=True)
+    assert all(row.memory.total <= 32 * GIB for row in rows if row.fits)
+    assert not any(row.fits for row in plan(get_preset("qwen3-32b"), 1, 32 * GIB, 4096, 64, 280.0, 196.0))
+
+
+def test_parse_size() -> None:
+    assert parse_size("32GB") == 32 * GIB
+    assert parse_size("80GiB") == 80 * GIB
+    assert parse_size("512m") == 512 * 2**20
+    with pytest.raises(ValueError, match="--device-memory"):
+        parse_size("lots")
+
+
+def test_cli_prints_table_recommendation_and_json(tmp_path, capsys) -> None:
+    out = tmp_path / "plan.json"
+    code = main(["--model", "qwen3-1.7b", "--devices", "8", "--device-memory", "32GB", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "recommended: --tensor-model-parallel-size" in printed
+    rows = json.loads(out.read_text())
+    assert rows and rows[0]["fits"] and {"tp", "pp", "dp"} <= set(rows[0]["layout"])
+
+
+def test_cli_rejects_unknown_device(capsys) -> None:
+    assert main(["--device", "abacus"]) == 2
+    assert "--device" in capsys.readouterr().err
