@@ -13,6 +13,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("qwen3_pretrain.tokenizer", "build the offline Qwen3 tokenizer (tokenizer build OUT_DIR)"),
     "plan": ("qwen3_pretrain.distributed.planner", "estimate memory and speed of every parallel layout"),
+    "preprocess": ("qwen3_pretrain.data.preprocess", "tokenize text into Megatron .bin/.idx (MindSpeed flags)"),
+    "data": ("qwen3_pretrain.data.info", "inspect tokenized data (data info PREFIX)"),
 }
 
 

@@ -179,11 +179,12 @@ class IndexedDatasetWriter:
 class IndexedDataset:
     """Memory-mapped reader of `<prefix>.bin/.idx`; item `i` is sequence `i` as a numpy array.
 
-    Opening checks the header, the index size and that the .bin holds exactly the tokens the index
-    describes, so a truncated or mismatched pair fails here with the file named, not mid-training.
+    Opening checks the header, the index size and (unless `check_bin_size=False`) that the .bin holds
+    exactly the tokens the index describes, so a truncated or mismatched pair fails here with the
+    file named, not mid-training.
     """
 
-    def __init__(self, prefix: str | os.PathLike) -> None:
+    def __init__(self, prefix: str | os.PathLike, check_bin_size: bool = True) -> None:
         self.prefix = strip_suffix(os.fspath(prefix))
         self.idx_file, self.bin_file = idx_path(self.prefix), bin_path(self.prefix)
         for path in (self.idx_file, self.bin_file):
@@ -219,8 +220,9 @@ class IndexedDataset:
         self._pointers = np.frombuffer(self._idx, np.int64, num_sequences, offset)
         offset += self._pointers.nbytes
         self._document_indices = np.frombuffer(self._idx, np.int64, num_doc_indices, offset)
-        self.check_bin_size()
-        self._bin = np.memmap(self.bin_file, dtype=np.uint8, mode="r") if self.expected_bin_size() else None
+        if check_bin_size:
+            self.check_bin_size()
+        self._bin = np.memmap(self.bin_file, dtype=np.uint8, mode="r") if os.path.getsize(self.bin_file) else None
 
     def expected_bin_size(self) -> int:
         """Bytes the .bin must have: the end of the last sequence."""

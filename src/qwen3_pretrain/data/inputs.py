@@ -1,0 +1,266 @@
+"""Streaming readers of raw text datasets: parquet, JSON lines, JSON arrays, CSV and plain text.
+
+Every reader yields column batches (`{column: [value, ...]}`, at most `batch_size` rows) and keeps
+memory bounded by the batch, never the file: parquet through pyarrow `iter_batches`, JSON lines and
+text line by line, JSON arrays object by object, CSV row by row.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+Batch = dict[str, list]
+SUPPORTED_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv", ".txt")
+TEXT_FILE_COLUMN = "text"  # a .txt file is one document per line, in this column (as HF `datasets` does)
+JSON_ARRAY_CHUNK = 1 << 20
+JSON_ARRAY_MAX_OBJECT = 256 << 20  # a JSON array element larger than this is treated as corrupt
+
+
+class DataInputError(ValueError):
+    """The input data cannot be read as asked: missing file, unknown format, missing column, bad line."""
+
+
+@dataclass
+class ReadStats:
+    """Counters the readers update while streaming."""
+
+    bad_lines: int = 0
+
+
+def expand_inputs(spec: str) -> list[str]:
+    """Resolve `--input`: comma-separated files, directories (their supported files) or glob patterns."""
+    files: list[str] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        if os.path.isdir(part):
+            found = sorted(
+                os.path.join(part, name)
+                for name in os.listdir(part)
+                if name.endswith(SUPPORTED_SUFFIXES) and os.path.isfile(os.path.join(part, name))
+            )
+            if not found:
+                raise DataInputError(
+                    f"--input {part}: the directory holds no {'/'.join(SUPPORTED_SUFFIXES)} files"
+                )
+            files += found
+        elif glob.has_magic(part):
+            found = sorted(p for p in glob.glob(part) if os.path.isfile(p))
+            if not found:
+                raise DataInputError(f"--input {part}: the pattern matches no file")
+            files += [_check_suffix(p) for p in found]
+        elif os.path.isfile(part):
+            files.append(_check_suffix(part))
+        else:
+            raise DataInputError(f"--input {part}: no such file or directory")
+    if not files:
+        raise DataInputError(f"--input {spec!r} names no file")
+    return files
+
+
+def _check_suffix(path: str) -> str:
+    if not path.endswith(SUPPORTED_SUFFIXES):
+        raise DataInputError(
+            f"--input {path}: unsupported file type; supported: {', '.join(SUPPORTED_SUFFIXES)}"
+        )
+    return path
+
+
+def read_batches(
+    path: str,
+    required: list[str],
+    optional: list[str],
+    batch_size: int,
+    stats: ReadStats,
+    skip_bad_lines: bool = False,
+) -> Iterator[Batch]:
+    """Stream `path` as batches holding the `required` columns (an error if absent) and `optional` ones
+    (None where absent)."""
+    if path.endswith(".parquet"):
+        yield from _parquet_batches(path, required, optional, batch_size)
+    elif path.endswith(".csv"):
+        yield from _csv_batches(path, required, optional, batch_size)
+    elif path.endswith(".txt"):
+        extra = [c for c in required if c != TEXT_FILE_COLUMN]
+        if extra:
+            raise DataInputError(
+                f"{path}: a .txt file has one column, {TEXT_FILE_COLUMN!r} (one document per line); "
+                f"missing {extra}: use --json-keys text or a structured format"
+            )
+        records = ({TEXT_FILE_COLUMN: line} for _, line in _text_lines(path, stats, skip_bad_lines))
+        yield from _record_batches(path, records, required, optional, batch_size)
+    elif _is_json_array(path):
+        yield from _record_batches(path, _json_array_records(path), required, optional, batch_size)
+    else:
+        yield from _record_batches(path, _json_line_records(path, stats, skip_bad_lines), required, optional, batch_size)
+
+
+def _missing_column_error(path: str, missing: list[str], present: list[str]) -> DataInputError:
+    return DataInputError(
+        f"{path}: column(s) {', '.join(map(repr, missing))} not found; the file has columns "
+        f"{', '.join(map(repr, present))}. Pass --json-keys with the text column(s) or pick another --handler-name"
+    )
+
+
+def _parquet_batches(path: str, required: list[str], optional: list[str], batch_size: int) -> Iterator[Batch]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for non-parquet or damaged files
+        raise DataInputError(f"{path}: not a readable parquet file ({exc})") from exc
+    names = parquet.schema_arrow.names
+    missing = [c for c in required if c not in names]
+    if missing:
+        raise _missing_column_error(path, missing, names)
+    present = [c for c in required + optional if c in names]
+    for record_batch in parquet.iter_batches(batch_size=batch_size, columns=present):
+        batch = record_batch.to_pydict()
+        for column in optional:
+            batch.setdefault(column, [None] * record_batch.num_rows)
+        yield batch
+
+
+def _csv_batches(path: str, required: list[str], optional: list[str], batch_size: int) -> Iterator[Batch]:
+    csv.field_size_limit(1 << 30)
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        names = list(reader.fieldnames or [])
+        missing = [c for c in required if c not in names]
+        if missing:
+            raise _missing_column_error(path, missing, names)
+        yield from _record_batches(path, reader, required, optional, batch_size)
+
+
+def _record_batches(
+    path: str, records: Iterator[dict], required: list[str], optional: list[str], batch_size: int
+) -> Iterator[Batch]:
+    """Group row records into column batches; the first record must hold every required column."""
+    columns = required + optional
+    batch: Batch = {c: [] for c in columns}
+    rows = 0
+    for record in records:
+        if rows == 0:
+            missing = [c for c in required if c not in record]
+            if missing:
+                raise _missing_column_error(path, missing, list(record))
+        for column in columns:
+            batch[column].append(record.get(column))
+        rows += 1
+        if rows % batch_size == 0:
+            yield batch
+            batch = {c: [] for c in columns}
+    if rows % batch_size:
+        yield batch
+
+
+def _text_lines(path: str, stats: ReadStats, skip_bad_lines: bool) -> Iterator[tuple[int, str]]:
+    """(line number, line without its newline) of a UTF-8 file, read in binary to report bad lines."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                _bad_line(path, number, f"invalid UTF-8 ({exc.reason} at byte {exc.start})", stats, skip_bad_lines)
+                continue
+            yield number, line.rstrip("\r\n")
+
+
+def _bad_line(path: str, number: int, why: str, stats: ReadStats, skip_bad_lines: bool) -> None:
+    if not skip_bad_lines:
+        raise DataInputError(f"{path}:{number}: {why}; fix the line or pass --skip-bad-lines to skip such lines")
+    stats.bad_lines += 1
+
+
+def _json_line_records(path: str, stats: ReadStats, skip_bad_lines: bool) -> Iterator[dict]:
+    for number, line in _text_lines(path, stats, skip_bad_lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            _bad_line(path, number, f"invalid JSON ({exc.msg} at column {exc.colno})", stats, skip_bad_lines)
+            continue
+        if not isinstance(record, dict):
+            _bad_line(path, number, f"expected a JSON object, got {type(record).__name__}", stats, skip_bad_lines)
+            continue
+        yield record
+
+
+def _is_json_array(path: str) -> bool:
+    """A .json file is either a JSON array of objects or JSON lines: peek at its first character."""
+    if not path.endswith(".json"):
+        return False
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith(b"[")
+
+
+class _JsonArrayScanner:
+    """Walk a top-level JSON array in a file, one element at a time, over a sliding text buffer."""
+
+    def __init__(self, path: str, f: object) -> None:
+        self.path, self.f = path, f
+        self.buffer, self.pos, self.eof = "", 0, False
+
+    def _more(self) -> None:
+        chunk = self.f.read(JSON_ARRAY_CHUNK)
+        self.buffer, self.pos, self.eof = self.buffer[self.pos :] + chunk, 0, not chunk
+
+    def next_char(self) -> str:
+        """Skip whitespace and return the next character without consuming it ("" at the end)."""
+        while True:
+            while self.pos < len(self.buffer) and self.buffer[self.pos] in " \t\r\n\ufeff":
+                self.pos += 1
+            if self.pos < len(self.buffer) or self.eof:
+                return self.buffer[self.pos : self.pos + 1]
+            self._more()
+
+    def expect(self, chars: str, where: str) -> str:
+        char = self.next_char()
+        if not char or char not in chars:
+            found = repr(char) if char else "the end of the file (truncated?)"
+            raise DataInputError(f"{self.path}: expected {' or '.join(map(repr, chars))} {where}, found {found}")
+        self.pos += 1
+        return char
+
+    def element(self, index: int) -> object:
+        decoder = json.JSONDecoder()
+        while True:
+            try:
+                value, self.pos = decoder.raw_decode(self.buffer, self.pos)
+                return value
+            except json.JSONDecodeError as exc:
+                if self.eof or len(self.buffer) - self.pos > JSON_ARRAY_MAX_OBJECT:
+                    raise DataInputError(
+                        f"{self.path}: element {index} of the JSON array is invalid JSON ({exc.msg})"
+                    ) from exc
+                self._more()
+
+
+def _json_array_records(path: str) -> Iterator[dict]:
+    with open(path, encoding="utf-8-sig") as f:
+        scanner = _JsonArrayScanner(path, f)
+        try:
+            scanner.expect("[", "at the start of the JSON array")
+            if scanner.next_char() == "]":
+                return
+            index = 0
+            while True:
+                scanner.next_char()
+                record = scanner.element(index)
+                if not isinstance(record, dict):
+                    raise DataInputError(
+                        f"{path}: element {index} of the JSON array is a {type(record).__name__}, expected an object"
+                    )
+                yield record
+                index += 1
+                if scanner.expect(",]", f"after element {index - 1} of the JSON array") == "]":
+                    return
+        except UnicodeDecodeError as exc:
+            raise DataInputError(f"{path}: invalid UTF-8 in the JSON array ({exc.reason})") from exc

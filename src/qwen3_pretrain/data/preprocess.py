@@ -1,0 +1,279 @@
+"""`qwen3-pretrain preprocess`: tokenize raw text into Megatron `.bin/.idx` files.
+
+Flag-compatible with MindSpeed-LLM's `preprocess_data.py` for pretraining data: the same command
+line works with only the program name changed, and writes `{output_prefix}_{key}_document.bin/.idx`
+for each `--json-keys` key (one sequence per document; empty documents skipped; EOD only with
+`--append-eod`).
+
+The input streams in batches of rows; `--workers` processes tokenize whole batches with the Rust
+tokenizer behind the HF tokenizer, and results are written in input order, so the output is
+byte-identical whatever the worker count. Files are written under temporary names and renamed when
+everything succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import multiprocessing
+import os
+import sys
+import time
+from collections import deque
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from qwen3_pretrain.data.handlers import HANDLERS, build_handler
+from qwen3_pretrain.data.indexed import (
+    IndexedDatasetError,
+    IndexedDatasetWriter,
+    best_dtype,
+    bin_path,
+    check_vocab_fits,
+    idx_path,
+)
+from qwen3_pretrain.data.inputs import DataInputError, ReadStats, expand_inputs, read_batches
+
+Task = tuple[int, list[str]]  # (output key index, non-empty document texts)
+Result = tuple[int, np.ndarray, np.ndarray, int]  # (key index, tokens int32[T], lengths int64[n], text bytes)
+PENDING_TASKS_PER_WORKER = 2  # bounded look-ahead: memory stays O(workers x batch)
+
+
+class TokenEncoder:
+    """Picklable batch encoder giving the same ids as calling the HF tokenizer on each text.
+
+    A fast HF tokenizer is reduced to its Rust `tokenizers.Tokenizer`, so worker processes need only
+    the `tokenizers` package (importing transformers costs seconds per process) and skip offsets.
+    """
+
+    def __init__(self, tokenizer: Any, eod: int | None) -> None:
+        self.backend = tokenizer.backend_tokenizer if getattr(tokenizer, "is_fast", False) else None
+        self.slow = None if self.backend is not None else tokenizer
+        self.eod = eod
+
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens of all texts concatenated (int32, EOD appended to each when set) and each length."""
+        if self.backend is not None:
+            ids = [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=True)]
+        else:
+            ids = self.slow(texts, add_special_tokens=True)["input_ids"]
+        if self.eod is not None:
+            for doc in ids:
+                doc.append(self.eod)
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
+        return tokens, lengths
+
+
+_worker_encoder: TokenEncoder | None = None
+
+
+def _init_worker(encoder: TokenEncoder, tokenizer_threads: bool) -> None:
+    global _worker_encoder
+    if not tokenizer_threads:  # several worker processes: one thread each, not one per core each
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_encoder = encoder
+
+
+def _tokenize_task(task: Task) -> Result:
+    key_index, texts = task
+    tokens, lengths = _worker_encoder.encode(texts)
+    return key_index, tokens, lengths, sum(len(t.encode("utf-8")) for t in texts)
+
+
+def ordered_map(
+    fn: Callable[[Task], Result], tasks: Iterable[Task], workers: int, encoder: TokenEncoder
+) -> Iterator[Result]:
+    """`map(fn, tasks)` in input order, over `workers` processes, reading ahead a bounded number of tasks."""
+    if workers <= 1:
+        _init_worker(encoder, tokenizer_threads=True)
+        yield from map(fn, tasks)
+        return
+    context = multiprocessing.get_context("spawn")  # safe with pyarrow/tokenizer threads in this process
+    with context.Pool(workers, initializer=_init_worker, initargs=(encoder, False)) as pool:
+        pending: deque = deque()
+        for task in tasks:
+            pending.append(pool.apply_async(fn, (task,)))
+            if len(pending) >= PENDING_TASKS_PER_WORKER * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+@dataclass
+class Counters:
+    """What the run did, for the progress lines and the summary."""
+
+    rows: int = 0
+    documents: int = 0
+    empty: int = 0
+    dropped: int = 0
+    tokens: int = 0
+    text_bytes: int = 0
+    read: ReadStats = field(default_factory=ReadStats)
+
+
+class Progress:
+    """Prints a progress line every `interval` documents."""
+
+    def __init__(self, interval: int, counters: Counters) -> None:
+        self.interval, self.counters = interval, counters
+        self.start = time.perf_counter()
+        self.next_report = interval
+
+    def rates(self) -> str:
+        c, elapsed = self.counters, max(time.perf_counter() - self.start, 1e-9)
+        return (
+            f"{c.documents / elapsed:.0f} docs/s, {c.tokens / elapsed:.0f} tokens/s, "
+            f"{c.text_bytes / elapsed / 1e6:.2f} MB/s"
+        )
+
+    def update(self) -> None:
+        c = self.counters
+        if c.documents >= self.next_report:
+            self.next_report = (c.documents // self.interval + 1) * self.interval
+            print(f"processed {c.documents} documents, {c.tokens} tokens ({self.rates()})", flush=True)
+
+
+def _tasks(files: list[str], handler: Any, args: argparse.Namespace, counters: Counters) -> Iterator[Task]:
+    for path in files:
+        batches = read_batches(
+            path, handler.required, handler.optional, args.batch_size, counters.read, args.skip_bad_lines
+        )
+        for batch in batches:
+            texts = handler.texts(batch)
+            for key_index, key in enumerate(handler.output_keys):
+                documents = [t for t in texts[key] if t]
+                counters.empty += len(texts[key]) - len(documents)
+                if documents:
+                    yield key_index, documents
+
+
+def output_prefixes(output_prefix: str, keys: list[str]) -> list[str]:
+    """MindSpeed's file names: `{output_prefix}_{key}_document`."""
+    return [f"{output_prefix}_{key}_document" for key in keys]
+
+
+def preprocess(args: argparse.Namespace) -> Counters:
+    """Run the whole preprocessing described by parsed `args`; returns the counters."""
+    from qwen3_pretrain.tokenizer import load_tokenizer
+
+    files = expand_inputs(args.input)
+    tokenizer = load_tokenizer(args.tokenizer_name_or_path)
+    handler = build_handler(args.handler_name, args.json_keys, args.map_keys, tokenizer)
+    vocab_size = len(tokenizer)
+    dtype = np.dtype(best_dtype(vocab_size) if args.token_dtype == "auto" else args.token_dtype)
+    check_vocab_fits(vocab_size, dtype)
+    eod = None
+    if args.append_eod:
+        eod = tokenizer.eos_token_id
+        if eod is None:
+            raise DataInputError(f"--append-eod: the tokenizer in {args.tokenizer_name_or_path} has no eos token")
+    prefixes = output_prefixes(args.output_prefix, handler.output_keys)
+    print(
+        f"preprocess: {len(files)} input file(s), handler {type(handler).__name__}, vocab {vocab_size} "
+        f"-> {dtype.name}, eod {'%d appended' % eod if eod is not None else 'not appended'}, "
+        f"{args.workers} worker(s), output {', '.join(prefixes)}",
+        flush=True,
+    )
+    counters = Counters()
+    progress = Progress(args.log_interval, counters)
+    with ExitStack() as stack:
+        writers = [stack.enter_context(IndexedDatasetWriter(prefix, dtype)) for prefix in prefixes]
+        tasks = _tasks(files, handler, args, counters)
+        for key_index, tokens, lengths, text_bytes in ordered_map(_tokenize_task, tasks, args.workers, TokenEncoder(tokenizer, eod)):
+            if args.seq_length is not None:  # MindSpeed drops documents of seq_length tokens or more
+                keep = lengths < args.seq_length
+                counters.dropped += int(len(lengths) - keep.sum())
+                tokens, lengths = tokens[np.repeat(keep, lengths)], lengths[keep]
+            writers[key_index].add_documents(tokens, lengths)
+            counters.documents += len(lengths)
+            counters.tokens += len(tokens)
+            counters.text_bytes += text_bytes
+            progress.update()
+        for writer in writers:
+            writer.finalize()
+    c = counters
+    dropped = f", dropped {c.dropped} of {args.seq_length}+ tokens (--seq-length)" if args.seq_length else ""
+    bad = f", skipped {c.read.bad_lines} bad lines" if args.skip_bad_lines else ""
+    print(
+        f"done: {c.documents} documents, {c.tokens} tokens written; skipped {c.empty} empty{dropped}{bad}; "
+        f"{c.text_bytes / 1e6:.2f} MB of text in {time.perf_counter() - progress.start:.1f} s ({progress.rates()})",
+        flush=True,
+    )
+    for prefix in prefixes:
+        print(f"wrote {bin_path(prefix)} ({os.path.getsize(bin_path(prefix))} bytes) and {idx_path(prefix)}")
+    return counters
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qwen3-pretrain preprocess",
+        description="Tokenize text (parquet, jsonl, json, csv, txt) into Megatron .bin/.idx files; "
+        "the flags are MindSpeed-LLM preprocess_data.py's.",
+    )
+    data = parser.add_argument_group("input data")
+    data.add_argument("--input", required=True, help="a file, a directory, a glob, or several of these comma-separated")
+    data.add_argument(
+        "--handler-name", default="GeneralPretrainHandler", help=f"one of {', '.join(HANDLERS)} (default: %(default)s)"
+    )
+    data.add_argument("--json-keys", nargs="+", default=["text"], help="columns to tokenize, one output per key (default: text)")
+    data.add_argument("--map-keys", type=json.loads, default=None, help='Alpaca handlers: JSON {"prompt": col, "query": col, "response": col}')
+    data.add_argument("--skip-bad-lines", action="store_true", help="skip (and count) JSONL/text lines that are not valid UTF-8/JSON instead of failing")
+    data.add_argument("--batch-size", type=int, default=1000, help="documents per tokenization task (default: %(default)s)")
+    tok = parser.add_argument_group("tokenizer")
+    tok.add_argument("--tokenizer-name-or-path", required=True, help="HF tokenizer directory (the one that ships with the weights)")
+    tok.add_argument("--tokenizer-type", default="PretrainedFromHF", choices=["PretrainedFromHF"], help="accepted for compatibility")
+    tok.add_argument("--append-eod", action="store_true", help="append the tokenizer's eos token to each document")
+    tok.add_argument("--seq-length", type=int, default=None, help="drop documents of this many tokens or more (as MindSpeed does)")
+    tok.add_argument("--token-dtype", default="auto", choices=["auto", "uint16", "int32"], help="token dtype of the .bin (auto: uint16 below 65500 tokens, else int32)")
+    out = parser.add_argument_group("output data")
+    out.add_argument("--output-prefix", required=True, help="files are {prefix}_{key}_document.bin/.idx")
+    out.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: %(default)s)")
+    out.add_argument("--log-interval", type=int, default=100, help="documents between progress lines (default: %(default)s)")
+    ignored = ("--streaming", "--overwrite-cache", "--tokenizer-not-use-fast")
+    ignored_values = ("--dataset-impl", "--n-subs", "--cache-dir", "--prompt-type", "--prompt-type-path", "--seed",
+                      "--make-vocab-size-divisible-by", "--pad-vocab-size-to")
+    compat = parser.add_argument_group(
+        "MindSpeed compatibility",
+        f"accepted and ignored (input always streams, no cache, the chat template comes from the tokenizer): "
+        f"{', '.join(ignored + ignored_values)}",
+    )
+    for flag in ignored:
+        compat.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    for flag in ignored_values:
+        compat.add_argument(flag, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--split-sentences", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject flag values we cannot honour, naming the flag."""
+    for flag, value in (("--workers", args.workers), ("--log-interval", args.log_interval), ("--batch-size", args.batch_size)):
+        if value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
+    if args.seq_length is not None and args.seq_length < 1:
+        parser.error(f"--seq-length must be positive, got {args.seq_length}")
+    if args.split_sentences:
+        parser.error("--split-sentences is not supported (pretraining documents are kept whole)")
+    if args.dataset_impl not in (None, "mmap"):
+        parser.error(f"--dataset-impl {args.dataset_impl}: only the mmap format is written")
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of `qwen3-pretrain preprocess`."""
+    from qwen3_pretrain.tokenizer import TokenizerError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    validate(parser, args)
+    try:
+        preprocess(args)
+    except (DataInputError, IndexedDatasetError, TokenizerError) as exc:
+        print(f"qwen3-pretrain preprocess: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
