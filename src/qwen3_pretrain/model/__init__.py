@@ -1,5 +1,15 @@
 """Qwen3 in pure PyTorch (no parallel code) and its configuration."""
 
 from qwen3_pretrain.model.config import PRESETS, ConfigError, Qwen3Config, get_preset
+from qwen3_pretrain.model.qwen3 import CausalLMOutput, Qwen3ForCausalLM, Qwen3Model, causal_lm_loss
 
-__all__ = ["PRESETS", "ConfigError", "Qwen3Config", "get_preset"]
+__all__ = [
+    "PRESETS",
+    "CausalLMOutput",
+    "ConfigError",
+    "Qwen3Config",
+    "Qwen3ForCausalLM",
+    "Qwen3Model",
+    "causal_lm_loss",
+    "get_preset",
+]

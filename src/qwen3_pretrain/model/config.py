@@ -105,6 +105,8 @@ class Qwen3Config:
         dtype = data.get("dtype") or data.get("torch_dtype")
         if dtype is not None:
             values["torch_dtype"] = str(dtype).removeprefix("torch.")
+        if "num_key_value_heads" not in values and "num_attention_heads" in values:
+            values["num_key_value_heads"] = values["num_attention_heads"]  # HF: absent or null means no GQA
         if "head_dim" not in values and "hidden_size" in values and "num_attention_heads" in values:
             values["head_dim"] = values["hidden_size"] // values["num_attention_heads"]
         values["rope_theta"] = float(values.get("rope_theta", cls.rope_theta))

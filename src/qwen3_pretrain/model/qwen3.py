@@ -1,0 +1,272 @@
+"""Qwen3 causal language model in pure PyTorch, with HF module names and HF weights in and out.
+
+Build big models on the meta device and materialise them explicitly:
+
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(config)
+    model.to_empty(device=device)
+    model.tie_weights()   # to_empty replaces every parameter, which unties lm_head from embed_tokens
+    model.init_weights(std=0.01)
+
+A pipeline splitter may set `model.embed_tokens`, `model.norm` or `lm_head` to None and delete entries
+of `model.layers` (keyed "0".."L-1", so surviving layers keep their HF names); the forward skips what
+is absent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwen3_pretrain.checkpoint.hf import (
+    DEFAULT_MAX_SHARD_BYTES,
+    HFCheckpointError,
+    iter_hf_tensors,
+    save_hf_state_dict,
+)
+from qwen3_pretrain.model.config import Qwen3Config
+from qwen3_pretrain.model.layers import DecoderLayer, RMSNorm, RotaryEmbedding
+
+IGNORE_INDEX = -100
+LM_HEAD_KEY = "lm_head.weight"
+EMBED_KEY = "model.embed_tokens.weight"
+
+
+class CausalLMOutput(NamedTuple):
+    """Logits [b, s, vocab] in the model dtype and, when labels were given, the float32 mean loss."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean float32 cross-entropy of logits [b, s, vocab] against ALREADY ALIGNED labels [b, s].
+
+    labels[:, t] is the target of position t (Megatron convention: the data pipeline yields
+    tokens = w[:-1], labels = w[1:]); entries equal to -100 are ignored. HF's `labels=input_ids`
+    corresponds to `labels = cat(input_ids[:, 1:], -100)` here. All-ignored labels give NaN.
+    """
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX  # [b * s, vocab], [b * s]
+    )
+
+
+class Qwen3Model(nn.Module):
+    """Embedding, decoder layers and final norm (HF `model.*`)."""
+
+    def __init__(self, config: Qwen3Config) -> None:
+        super().__init__()
+        self.embed_tokens: nn.Embedding | None = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(config) for i in range(config.num_hidden_layers)})
+        self.norm: RMSNorm | None = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
+
+    def forward(self, inputs: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids [b, s] (or hidden states [b, s, hidden] when embed_tokens is None) -> hidden states."""
+        h = self.embed_tokens(inputs) if self.embed_tokens is not None else inputs  # [b, s, hidden]
+        if position_ids is None:
+            position_ids = torch.arange(h.shape[1], device=h.device).unsqueeze(0)  # [1, s]
+        cos, sin = self.rotary_emb(position_ids, h.dtype)
+        for layer in self.layers.values():
+            h = layer(h, cos, sin)
+        return self.norm(h) if self.norm is not None else h
+
+
+class Qwen3ForCausalLM(nn.Module):
+    """Qwen3 decoder + LM head; `state_dict()` keys equal HF's (plus `lm_head.weight` when tied).
+
+    Construction initialises weights with `init_weights()` (a no-op cost on the meta device).
+    """
+
+    def __init__(self, config: Qwen3Config) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Qwen3Model(config)
+        self.lm_head: nn.Linear | None = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.init_weights()
+        self.register_load_state_dict_post_hook(_tied_head_is_not_missing)
+
+    # ---- construction ----------------------------------------------------------------------------
+
+    def tie_weights(self) -> None:
+        """Share `model.embed_tokens.weight` as `lm_head.weight` when the config ties them.
+
+        Call again after `to_empty()` (and anything else that replaces parameters): materialising
+        creates a new parameter per module and silently unties them. No-op when either end is absent.
+        """
+        if self.config.tie_word_embeddings and self.lm_head is not None and self.model.embed_tokens is not None:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_weights(self, std: float | None = None) -> None:
+        """Linear/Embedding weights ~ normal(0, std) (default config.initializer_range), norms = 1, RoPE tables."""
+        std = self.config.initializer_range if std is None else std
+        if std <= 0:
+            raise ValueError(f"init std must be > 0, got {std}")
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, (RMSNorm, RotaryEmbedding)):
+                module.reset_parameters()
+
+    # ---- forward ---------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> CausalLMOutput | torch.Tensor:
+        """Token ids [b, s] -> CausalLMOutput(logits [b, s, vocab], loss).
+
+        DECISION: `labels` are already aligned to positions (labels[:, t] is the target of position t,
+        -100 ignored), the Megatron convention our data pipeline produces; see `causal_lm_loss`.
+        A pipeline stage without `lm_head` returns its hidden states [b, s, hidden] instead, and one
+        without `model.embed_tokens` takes hidden states in place of `input_ids`.
+        """
+        hidden = self.model(input_ids, position_ids)
+        if self.lm_head is None:
+            return hidden
+        logits = self.lm_head(hidden)  # [b, s, vocab]
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return CausalLMOutput(logits, loss)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Prompt [b, s] -> [b, s + n] with n <= max_new_tokens; greedy when temperature == 0.
+
+        Recomputes the whole sequence each step (no KV cache): for smoke checks, not serving.
+        Sequences that emitted `eos_token_id` are padded with it; stops early once all have.
+        """
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_k is not None and top_k <= 0:
+            raise ValueError(f"top_k must be > 0 or None, got {top_k}")
+        tokens = input_ids
+        done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+        for _ in range(max_new_tokens):
+            logits = self(tokens).logits[:, -1, :].float()  # [b, vocab]
+            if temperature == 0:
+                next_token = logits.argmax(dim=-1)  # [b]
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # [b, 1]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = logits.softmax(dim=-1)
+                next_token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [b]
+            if eos_token_id is not None:
+                next_token = next_token.masked_fill(done, eos_token_id)
+                done |= next_token == eos_token_id
+            tokens = torch.cat((tokens, next_token.unsqueeze(-1)), dim=-1)  # [b, s + 1]
+            if eos_token_id is not None and bool(done.all()):
+                break
+        return tokens
+
+    # ---- HF weights ------------------------------------------------------------------------------
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict in HF's layout: like `state_dict()` but without `lm_head.weight` when tied."""
+        state = self.state_dict()
+        if self.config.tie_word_embeddings:
+            state.pop(LM_HEAD_KEY, None)
+        return state
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike[str],
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+    ) -> "Qwen3ForCausalLM":
+        """Load an HF Qwen3 directory (config.json + single or sharded safetensors).
+
+        dtype None means the config's `torch_dtype`. Builds on meta and copies one tensor at a time.
+        Keys must match exactly (HFCheckpointError lists missing/unexpected ones), except that a tied
+        model accepts an `lm_head.weight` equal to the embedding (some exporters write the copy);
+        one that differs is refused, since the config's `tie_word_embeddings` would then be wrong.
+        """
+        config = Qwen3Config.from_pretrained(directory)
+        dtype = getattr(torch, config.torch_dtype) if dtype is None else dtype
+        with torch.device("meta"):
+            model = cls(config)
+        model.to(dtype).to_empty(device=device)
+        model.tie_weights()
+        model.model.rotary_emb.reset_parameters()
+        model._load_hf_tensors(Path(directory), iter_hf_tensors(directory, dtype))
+        return model
+
+    @torch.no_grad()
+    def _load_hf_tensors(self, directory: Path, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+        """Copy named tensors into the parameters, checking names and shapes strictly."""
+        targets = self.hf_state_dict()
+        loaded: set[str] = set()
+        unexpected: list[str] = []
+        tied_head: torch.Tensor | None = None
+        for name, tensor in tensors:
+            if name == LM_HEAD_KEY and self.config.tie_word_embeddings:
+                tied_head = tensor
+                continue
+            if name not in targets:
+                unexpected.append(name)
+                continue
+            if targets[name].shape != tensor.shape:
+                raise HFCheckpointError(
+                    f"{directory}: tensor {name} has shape {tuple(tensor.shape)}, the model built from its "
+                    f"config.json expects {tuple(targets[name].shape)}; config and weights disagree"
+                )
+            targets[name].copy_(tensor)
+            loaded.add(name)
+        missing = sorted(set(targets) - loaded)
+        if missing or unexpected:
+            raise HFCheckpointError(
+                f"{directory} does not match a Qwen3 model built from its config.json: "
+                f"missing keys {missing[:20]}{' ...' if len(missing) > 20 else ''}, "
+                f"unexpected keys {sorted(unexpected)[:20]}{' ...' if len(unexpected) > 20 else ''}"
+            )
+        if tied_head is not None and not torch.equal(tied_head.to(targets[EMBED_KEY]), targets[EMBED_KEY]):
+            raise HFCheckpointError(
+                f"{directory}: config.json ties word embeddings but {LM_HEAD_KEY} differs from {EMBED_KEY}; "
+                "set tie_word_embeddings to false in config.json if the head is meant to be separate"
+            )
+
+    def save_pretrained(
+        self,
+        directory: str | os.PathLike[str],
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Write config.json + safetensors (sharded above `max_shard_bytes`) that HF transformers loads.
+
+        dtype None keeps the parameters' dtype; config.json records the dtype written. A tied model
+        writes no `lm_head.weight`.
+        """
+        state = self.hf_state_dict()
+        dtype = next(iter(state.values())).dtype if dtype is None else dtype
+        config = dataclasses.replace(self.config, torch_dtype=str(dtype).removeprefix("torch."))
+        items = ((name, tensor.to(dtype) if tensor.is_floating_point() else tensor) for name, tensor in state.items())
+        save_hf_state_dict(items, directory, max_shard_bytes=max_shard_bytes, config=config)
+
+
+def _tied_head_is_not_missing(model: Qwen3ForCausalLM, incompatible: nn.modules.module._IncompatibleKeys) -> None:
+    """`load_state_dict` hook: an HF state dict of a tied model has no lm_head.weight, which is fine."""
+    head, embed = model.lm_head, model.model.embed_tokens
+    tied = head is not None and embed is not None and head.weight is embed.weight
+    if tied and LM_HEAD_KEY in incompatible.missing_keys:
+        incompatible.missing_keys.remove(LM_HEAD_KEY)
