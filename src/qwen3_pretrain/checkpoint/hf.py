@@ -91,10 +91,14 @@ def iter_hf_tensors(
                         tensor = tensor.to(dtype)
                     yield key, tensor
         except SafetensorError as exc:
-            raise HFCheckpointError(f"{path} is not a valid safetensors file ({exc}); re-download or re-save it") from exc
+            raise HFCheckpointError(
+                f"{path} is not a valid safetensors file ({exc}); re-download or re-save it"
+            ) from exc
 
 
-def load_hf_state_dict(directory: str | os.PathLike[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def load_hf_state_dict(
+    directory: str | os.PathLike[str], dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
     """All tensors of an HF checkpoint directory as one dict."""
     return dict(iter_hf_tensors(directory, dtype))
 
