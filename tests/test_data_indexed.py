@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import struct
 
 import numpy as np
@@ -138,3 +139,24 @@ def test_reader_reports_corrupt_files(tmp_path, kind, message) -> None:
     corrupt(prefix, kind)
     with pytest.raises(IndexedDatasetError, match=message):
         IndexedDataset(prefix)
+
+
+def test_data_info_reports_contents_and_truncation(tmp_path, capsys) -> None:
+    from qwen3_pretrain.cli import main as cli_main
+
+    docs = [np.array([5, 6, 7, 0]), np.array([9, 0]), np.arange(1, 20).tolist() + [0]]
+    prefix = str(tmp_path / "ds_text_document")
+    write_ours(prefix, [np.asarray(d) for d in docs], np.uint16)
+    assert cli_main(["data", "info", prefix + ".bin"]) == 0
+    out = capsys.readouterr().out
+    for line in ("dtype:      uint16", "documents:  3", "sequences:  3", "tokens:     26",
+                 ".bin size:  52 bytes, matches the index", "last token: 0 ends 100.0% of sequences",
+                 "min 2, median 4, mean 8.7, p99 20, max 20"):
+        assert line in out, line
+    assert re.search(r"\[\s+2,\s+4\)\s+1\s+33\.3%", out) and re.search(r"\[\s+16,\s+32\)\s+1\s+33\.3%", out)
+
+    os.truncate(prefix + ".bin", 50)
+    assert cli_main(["data", "info", prefix]) == 1
+    captured = capsys.readouterr()
+    assert "tokens:     26" in captured.out
+    assert "ds_text_document.bin is truncated: 50 bytes, the index describes 52" in captured.err
