@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("qwen3_pretrain.distributed.planner", "estimate memory and speed of every parallel layout"),
     "preprocess": ("qwen3_pretrain.data.preprocess", "tokenize text into Megatron .bin/.idx (MindSpeed flags)"),
     "data": ("qwen3_pretrain.data.info", "inspect tokenized data (data info PREFIX)"),
+    "convert": ("qwen3_pretrain.checkpoint.convert", "convert checkpoints HF <-> Megatron/MindSpeed mcore (any TP/PP)"),
 }
 
 
