@@ -82,7 +82,7 @@ class Qwen3Model(nn.Module):
 class Qwen3ForCausalLM(nn.Module):
     """Qwen3 decoder + LM head; `state_dict()` keys equal HF's (plus `lm_head.weight` when tied).
 
-    Construction initialises weights with `init_weights()` (a no-op cost on the meta device).
+    Construction on a real device initialises weights with `init_weights()`; on meta it does not.
     """
 
     def __init__(self, config: Qwen3Config) -> None:
@@ -91,7 +91,8 @@ class Qwen3ForCausalLM(nn.Module):
         self.model = Qwen3Model(config)
         self.lm_head: nn.Linear | None = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
-        self.init_weights()
+        if not self.lm_head.weight.is_meta:  # meta tensors hold no values; materialise, then init_weights()
+            self.init_weights()
         self.register_load_state_dict_post_hook(_tied_head_is_not_missing)
 
     # ---- construction ----------------------------------------------------------------------------
