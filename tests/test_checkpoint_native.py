@@ -27,6 +27,7 @@ from qwen3_pretrain.checkpoint.native import (
     detect_checkpoint_format,
     load_checkpoint,
     load_model_config,
+    load_model_tensors,
     save_checkpoint,
 )
 from qwen3_pretrain.model.config import get_preset
@@ -134,6 +135,7 @@ def test_model_only_load_leaves_optimizer_and_rng_alone(tmp_path: Path) -> None:
     _assert_same(expected, torch.rand(2), "rng untouched")
     _assert_same(model.state_dict(), model2.state_dict())
     assert not optimizer2.state
+    _assert_same(model.state_dict(), load_model_tensors(tmp_path), "load_model_tensors")
 
 
 def test_unstepped_optimizer_is_saved_as_empty_and_not_modified(tmp_path: Path) -> None:
@@ -229,7 +231,7 @@ def _install_fault(fault: str) -> None:
 
         FileSystemWriter.finish = die  # type: ignore[method-assign]
     elif fault == "before_rename":  # staging complete, not yet renamed
-        native._commit_directory = die  # type: ignore[assignment]
+        native.replace_directory = die  # type: ignore[assignment]
     else:
         real_replace = os.replace
 

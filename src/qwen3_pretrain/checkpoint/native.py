@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 import yaml
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -165,8 +166,12 @@ def _write_latest(save_dir: Path, iteration: int) -> None:
     _fsync_dir(save_dir)
 
 
-def _commit_directory(staging: Path, final: Path) -> None:
-    """Rename the finished staging directory to its final name (an existing one is moved aside first)."""
+def replace_directory(staging: Path, final: Path) -> None:
+    """Rename a finished staging directory to `final`; an existing `final` is moved aside, then deleted.
+
+    `final` is either the old or the new complete directory at every instant, except between the
+    two renames, when the old one sits complete at `.<name>.replaced` next to it.
+    """
     aside = _replaced_dir(final)
     if final.exists():
         if aside.exists():
@@ -330,7 +335,7 @@ def save_checkpoint(
     def commit() -> None:
         _write_durably(staging / TRAIN_STATE_FILE, lambda f: torch.save(meta, f))
         _write_durably(staging / CONFIG_FILE, lambda f: f.write(config_text.encode()))
-        _commit_directory(staging, final)
+        replace_directory(staging, final)
         _write_latest(save_dir, iteration)
         if keep_last is not None:
             _prune(save_dir, iteration, keep_last)
@@ -407,10 +412,10 @@ class _SafeLoadPlanner(dcp.DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = loaded
 
 
-def _dcp_load(state: dict[str, Any], checkpoint: Path, what: str) -> None:
+def _dcp_load(state: dict[str, Any], checkpoint: Path, what: str, no_dist: bool = False) -> None:
     try:
         with _single_process_is_intended():
-            dcp.load(state, checkpoint_id=checkpoint, planner=_SafeLoadPlanner())
+            dcp.load(state, checkpoint_id=checkpoint, planner=_SafeLoadPlanner(), no_dist=no_dist)
     except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
         raise CheckpointError(
             f"cannot load the {what} from {checkpoint}: {exc}\n(the checkpoint was written for a different "
@@ -473,6 +478,29 @@ def _load_rng(checkpoint: Path, saved_world_size: int) -> None:
     except Exception as exc:
         raise CheckpointError(f"cannot read RNG state {path} ({exc}); load with --no-load-rng") from exc
     _restore_rng(state, path)
+
+
+def load_model_tensors(load_dir: str | os.PathLike[str], iteration: int | None = None) -> dict[str, torch.Tensor]:
+    """The model's full tensors (name -> CPU tensor, saved dtype), read by this process alone.
+
+    Needs no model object: the names, shapes and dtypes come from the DCP metadata, so this works
+    for a checkpoint of any layout, also inside a job with a process group (no collectives).
+    """
+    checkpoint = resolve_checkpoint_dir(load_dir, iteration)
+    try:
+        metadata = dcp.FileSystemReader(checkpoint).read_metadata()
+    except Exception as exc:
+        raise CheckpointError(f"{checkpoint / DCP_METADATA_FILE} is unreadable ({exc}); load another iteration") from exc
+    prefix = f"{MODEL_KEY}."
+    tensors = {
+        fqn[len(prefix) :]: torch.empty(entry.size, dtype=entry.properties.dtype)
+        for fqn, entry in metadata.state_dict_metadata.items()
+        if fqn.startswith(prefix) and isinstance(entry, TensorStorageMetadata)
+    }
+    if not tensors:
+        raise CheckpointError(f"{checkpoint} holds no model tensors; it is not a complete {FORMAT_NAME} checkpoint")
+    _dcp_load({MODEL_KEY: tensors}, checkpoint, "model", no_dist=True)
+    return tensors
 
 
 def load_model_config(load_dir: str | os.PathLike[str], iteration: int | None = None) -> dict[str, Any]:
