@@ -224,6 +224,12 @@ class IndexedDataset:
             self.check_bin_size()
         self._bin = np.memmap(self.bin_file, dtype=np.uint8, mode="r") if os.path.getsize(self.bin_file) else None
 
+    def __getstate__(self) -> dict:
+        return {"prefix": self.prefix}  # reopen (and re-map) in the receiving process, never copy the maps
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["prefix"])
+
     def expected_bin_size(self) -> int:
         """Bytes the .bin must have: the end of the last sequence."""
         if len(self._lengths) == 0:
