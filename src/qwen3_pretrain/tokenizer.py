@@ -64,15 +64,9 @@ QWEN3_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
 QWEN3_EOS = "<|endoftext|>"  # also the pad token; Qwen3 adds no BOS
 QWEN3_MODEL_MAX_LENGTH = 131_072
 QWEN3_FILES = ("tokenizer.json", "tokenizer_config.json")
-# Any one of these marks a directory as a Hugging Face tokenizer directory.
-HF_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "vocab.json",
-    "vocab.txt",
-    "spiece.model",
-)
+# A Hugging Face tokenizer directory holds its vocabulary in one of these (tokenizer_config.json alone
+# is not enough: transformers would build an empty tokenizer from it).
+HF_VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 BUILD_HINT = "build the Qwen3 tokenizer offline with `qwen3-pretrain tokenizer build DIR` and pass DIR"
 
 
@@ -88,25 +82,29 @@ def load_tokenizer(path: str | os.PathLike) -> transformers.PreTrainedTokenizerB
             f"tokenizer directory {directory} does not exist. Pass the tokenizer directory that ships "
             f"with the weights, or {BUILD_HINT}."
         )
-    if not any((directory / name).is_file() for name in HF_TOKENIZER_FILES):
+    if not any((directory / name).is_file() for name in HF_VOCABULARY_FILES):
         raise TokenizerError(
-            f"{directory} holds no tokenizer files (expected one of {', '.join(HF_TOKENIZER_FILES)}). "
+            f"{directory} holds no tokenizer vocabulary (expected one of {', '.join(HF_VOCABULARY_FILES)}). "
             f"Pass the tokenizer directory that ships with the weights, or {BUILD_HINT}."
         )
     from transformers import AutoTokenizer
 
+    files = ", ".join(sorted(p.name for p in directory.iterdir() if p.is_file()))
+    damaged = f"Its files ({files}) may be corrupt or incomplete: copy them again from the model, or {BUILD_HINT}."
     try:
-        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except Exception as exc:  # transformers raises many types for unreadable files
         raise TokenizerError(
-            f"could not load the tokenizer in {directory}: {type(exc).__name__}: {exc}. "
-            f"Its files may be corrupt or incomplete: copy them again from the model, or {BUILD_HINT}."
+            f"could not load the tokenizer in {directory}: {type(exc).__name__}: {exc}. {damaged}"
         ) from exc
+    if not tokenizer.encode("Hello", add_special_tokens=False):
+        raise TokenizerError(f"the tokenizer in {directory} encodes plain text to no tokens. {damaged}")
+    return tokenizer
 
 
 def find_qwen_ranks_file() -> Path:
     """Locate `dashscope/resources/qwen.tiktoken` without importing dashscope."""
-    spec = importlib.util.find_spec("dashscope")
+    spec = importlib.util.find_spec("dashscope")  # finds the package without running its __init__
     for folder in (spec.submodule_search_locations or []) if spec else []:
         candidate = Path(folder) / "resources" / "qwen.tiktoken"
         if candidate.is_file():
@@ -305,7 +303,9 @@ def ensure_qwen3_tokenizer(cache_dir: str | os.PathLike | None = None) -> Path:
 
 def main(argv: list[str]) -> int:
     """`qwen3-pretrain tokenizer build OUT_DIR`."""
-    parser = argparse.ArgumentParser(prog="qwen3-pretrain tokenizer", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="qwen3-pretrain tokenizer", description="Build the real Qwen3 tokenizer offline."
+    )
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     build = actions.add_parser(
         "build", help="build the Qwen3 tokenizer offline from dashscope's Qwen BPE vocabulary"
