@@ -1,0 +1,189 @@
+"""Tensor parallelism (`--tensor-model-parallel-size`) and sequence parallelism for Qwen3, with DTensor.
+
+Plan per decoder block (Megatron's split, written with `torch.distributed.tensor.parallel`):
+
+- q/k/v, gate/up: column-wise (each rank owns whole heads / a slice of the FFN);
+  o/down: row-wise (partial sums reduced on the way out).
+- q_norm/k_norm: one weight shared by all heads while every rank sees only its heads. The weight is
+  made a replicated DTensor and its input a DTensor sharded on the head dim, so autograd all-reduces
+  its gradient over TP. (Left as a plain tensor it would silently get the gradient of local heads only.)
+- embed_tokens: vocab-parallel (row-wise on the vocab dim, replicated token ids in);
+  lm_head: column-wise on the vocab dim. With `loss_parallel` the logits stay sharded on the vocab
+  dim (a DTensor) and the cross entropy runs on the shards inside `vocab_parallel_loss()`.
+- Tied embeddings: embed_tokens and lm_head end up as the same DTensor Parameter (both Shard(0)).
+- Sequence parallel: the residual stream between blocks, the layer norms and the final norm are
+  sharded on the sequence dim; attention and MLP inputs are all-gathered, their outputs
+  reduce-scattered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    PrepareModuleOutput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+from torch.distributed.tensor.parallel import loss_parallel as _torch_loss_parallel
+
+from qwen3_pretrain.model.config import Qwen3Config
+
+TP_FLAG = "--tensor-model-parallel-size"
+_HEAD_DIM = 2  # q_proj(x).view(b, s, heads, head_dim): q_norm/k_norm see heads on dim 2
+_SEQUENCE = Shard(1)  # hidden states [b, s, hidden] sharded on the sequence dim
+
+
+def validate_tensor_parallel_size(
+    config: Qwen3Config, tp_size: int, sequence_parallel: bool = False, seq_length: int | None = None
+) -> None:
+    """Raise ValueError naming the flag when the model (or the sequence) cannot be split `tp_size` ways."""
+    if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1:
+        raise ValueError(f"{TP_FLAG} must be a positive integer, got {tp_size!r}")
+    checks = (
+        ("num_attention_heads", config.num_attention_heads),
+        ("num_key_value_heads", config.num_key_value_heads),
+        ("vocab_size", config.vocab_size),
+    )
+    for name, value in checks:
+        if value % tp_size:
+            raise ValueError(
+                f"{TP_FLAG} {tp_size} does not divide the model's {name} ({value}); "
+                f"choose a tensor-parallel size that divides {name}"
+            )
+    if sequence_parallel and seq_length is not None and seq_length % tp_size:
+        raise ValueError(
+            f"--sequence-parallel needs --seq-length ({seq_length}) divisible by {TP_FLAG} {tp_size}; "
+            "change one of them or drop --sequence-parallel"
+        )
+
+
+class _ReplicatedParallel(ParallelStyle):
+    """Parameters become replicated DTensors; the (already replicated) input and output stay plain tensors.
+
+    Used for the layer norms without sequence parallel, so that every parameter of a TP model is a
+    DTensor on the TP mesh and DTensor-aware gradient clipping and checkpointing see one kind of tensor.
+    """
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        return distribute_module(
+            module,
+            device_mesh,
+            input_fn=lambda _module, inputs, mesh: tuple(
+                DTensor.from_local(x, mesh, [Replicate()], run_check=False) for x in inputs
+            ),
+            output_fn=lambda _module, output, _mesh: output.to_local(),
+        )
+
+
+def _block_plan(sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    """Parallel styles for one decoder block, keyed by module path inside the block."""
+    plan: dict[str, ParallelStyle] = {
+        "self_attn.q_proj": ColwiseParallel(),
+        "self_attn.k_proj": ColwiseParallel(),
+        "self_attn.v_proj": ColwiseParallel(),
+        "self_attn.q_norm": SequenceParallel(sequence_dim=_HEAD_DIM, use_local_output=True),
+        "self_attn.k_norm": SequenceParallel(sequence_dim=_HEAD_DIM, use_local_output=True),
+        "mlp.gate_proj": ColwiseParallel(),
+        "mlp.up_proj": ColwiseParallel(),
+    }
+    if not sequence_parallel:
+        plan.update({
+            "input_layernorm": _ReplicatedParallel(),
+            "post_attention_layernorm": _ReplicatedParallel(),
+            "self_attn.o_proj": RowwiseParallel(),
+            "mlp.down_proj": RowwiseParallel(),
+        })
+        return plan
+    # The residual stream stays a DTensor sharded on the sequence dim, so shapes read from it
+    # (the model's position ids) are global.
+    plan.update({
+        "input_layernorm": SequenceParallel(),
+        "post_attention_layernorm": SequenceParallel(),
+        "self_attn": PrepareModuleInput(
+            input_layouts=(_SEQUENCE, None, None),  # (x, cos, sin)
+            desired_input_layouts=(Replicate(), None, None),
+            use_local_output=True,
+        ),
+        "mlp": PrepareModuleInput(input_layouts=(_SEQUENCE,), desired_input_layouts=(Replicate(),), use_local_output=True),
+        "self_attn.o_proj": RowwiseParallel(output_layouts=_SEQUENCE, use_local_output=False),
+        "mlp.down_proj": RowwiseParallel(output_layouts=_SEQUENCE, use_local_output=False),
+    })
+    return plan
+
+
+def _outer_plan(model: nn.Module, sequence_parallel: bool, loss_parallel: bool) -> dict[str, ParallelStyle]:
+    """Parallel styles for the embedding, final norm, LM head and pipeline-stage boundaries present on `model`."""
+    embed, norm, head = model.model.embed_tokens, model.model.norm, model.lm_head
+    residual = _SEQUENCE if sequence_parallel else Replicate()
+    plan: dict[str, ParallelStyle] = {}
+    if embed is not None:
+        plan["model.embed_tokens"] = RowwiseParallel(
+            input_layouts=Replicate(), output_layouts=residual, use_local_output=not sequence_parallel
+        )
+    if norm is not None:
+        plan["model.norm"] = SequenceParallel() if sequence_parallel else _ReplicatedParallel()
+    if head is not None:
+        plan["lm_head"] = ColwiseParallel(
+            input_layouts=residual,
+            output_layouts=Shard(-1) if loss_parallel else Replicate(),
+            use_local_output=not loss_parallel,
+        )
+    return plan
+
+
+def _stage_boundary_styles(model: nn.Module) -> list[ParallelStyle]:
+    """With sequence parallel, a pipeline stage receives / sends its local sequence shard as a plain tensor."""
+    styles: list[ParallelStyle] = []
+    if model.model.embed_tokens is None:
+        styles.append(PrepareModuleInput(input_layouts=(_SEQUENCE,), desired_input_layouts=(_SEQUENCE,)))
+    if model.model.norm is None:
+        styles.append(PrepareModuleOutput(output_layouts=_SEQUENCE, desired_output_layouts=_SEQUENCE))
+    return styles
+
+
+def apply_tensor_parallel(
+    model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = False, loss_parallel: bool = True
+) -> None:
+    """Shard `model` (a Qwen3ForCausalLM or a pipeline stage of one) over the 1-D `tp_mesh`, in place.
+
+    With `loss_parallel` the logits are a DTensor sharded on the vocab dim: compute the loss and run
+    backward inside `vocab_parallel_loss()`.
+    """
+    if tp_mesh.ndim != 1:
+        raise ValueError(f"apply_tensor_parallel needs a 1-D tensor-parallel mesh, got {tp_mesh.ndim} dims")
+    validate_tensor_parallel_size(model.config, tp_mesh.size())
+    tied = _tied_embeddings(model)
+    parallelize_module(model, tp_mesh, _outer_plan(model, sequence_parallel, loss_parallel))
+    if sequence_parallel:
+        for style in _stage_boundary_styles(model):
+            parallelize_module(model.model, tp_mesh, style)
+    block_plan = _block_plan(sequence_parallel)
+    for block in model.model.layers.values():
+        parallelize_module(block, tp_mesh, block_plan)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+
+
+def _tied_embeddings(model: nn.Module) -> bool:
+    """True when this module holds both embed_tokens and lm_head and they share one Parameter."""
+    embed, head = model.model.embed_tokens, model.lm_head
+    return embed is not None and head is not None and head.weight is embed.weight
+
+
+@contextlib.contextmanager
+def vocab_parallel_loss(enabled: bool = True) -> Iterator[None]:
+    """Wrap forward + backward in this when TP was applied with `loss_parallel=True`."""
+    if not enabled:
+        yield
+        return
+    with _torch_loss_parallel():
+        yield
