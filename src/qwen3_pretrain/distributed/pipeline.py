@@ -1,0 +1,320 @@
+"""Pipeline parallelism (`--pipeline-model-parallel-size`) with `torch.distributed.pipelining`.
+
+- `split_into_stages` cuts a Qwen3ForCausalLM into this rank's stages: layers split evenly (or by
+  `--num-layer-list`), embedding on the first stage, final norm + LM head on the last; parameters keep
+  their global HF names (`model.layers.17...` stays 17). With virtual stages (interleaved 1F1B) rank r
+  holds stages r, r + pp, r + 2 pp, ...
+- Tied embeddings: the last stage holds its own `lm_head.weight`, a copy of the embedding. Its
+  gradient and the first stage's embedding gradient are summed by `sync_tied_embedding_grads` before
+  every optimizer step, so both copies see the single-process gradient and stay equal.
+- `build_pipeline_schedule` wraps the stages in `PipelineStage`s and a 1F1B / GPipe / interleaved
+  1F1B schedule. The loss of a micro batch is its summed token cross entropy divided by the number of
+  tokens of the whole step, and the schedule does not rescale gradients, so the step's loss and
+  gradients equal one process's mean over all tokens, however the tokens fall into micro batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+from torch.distributed.pipelining.schedules import _PipelineSchedule
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
+
+from qwen3_pretrain.model.config import Qwen3Config
+from qwen3_pretrain.model.qwen3 import IGNORE_INDEX, Qwen3ForCausalLM, Qwen3Model
+
+PP_FLAG = "--pipeline-model-parallel-size"
+NUM_LAYER_LIST_FLAG = "--num-layer-list"
+VIRTUAL_FLAG = "--num-layers-per-virtual-pipeline-stage"
+SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved_1f1b": ScheduleInterleaved1F1B}
+
+
+# ---- splitting -------------------------------------------------------------------------------------
+
+
+def virtual_pipeline_stages(num_layers: int, pp_size: int, num_layers_per_virtual_stage: int) -> int:
+    """Stages per rank for `--num-layers-per-virtual-pipeline-stage` (Megatron's interleaving flag)."""
+    if num_layers_per_virtual_stage < 1 or num_layers % (pp_size * num_layers_per_virtual_stage):
+        raise ValueError(
+            f"{VIRTUAL_FLAG} {num_layers_per_virtual_stage} x {PP_FLAG} {pp_size} must divide the model's "
+            f"{num_layers} layers; pick sizes whose product divides it"
+        )
+    return num_layers // (pp_size * num_layers_per_virtual_stage)
+
+
+def stage_layer_counts(
+    num_layers: int, pp_size: int, virtual_stages: int = 1, num_layer_list: list[int] | None = None
+) -> list[int]:
+    """Number of decoder layers of every pipeline stage, in stage order (stage s runs on pp rank s % pp_size)."""
+    if pp_size < 1:
+        raise ValueError(f"{PP_FLAG} must be >= 1, got {pp_size}")
+    if virtual_stages < 1:
+        raise ValueError(f"virtual pipeline stages per rank must be >= 1, got {virtual_stages}")
+    if virtual_stages > 1 and pp_size < 2:
+        raise ValueError(f"{VIRTUAL_FLAG} (interleaved pipeline) needs {PP_FLAG} >= 2, got {pp_size}")
+    num_stages = pp_size * virtual_stages
+    if num_layer_list is not None:
+        if len(num_layer_list) != num_stages or sum(num_layer_list) != num_layers or min(num_layer_list) < 1:
+            raise ValueError(
+                f"{NUM_LAYER_LIST_FLAG} {','.join(map(str, num_layer_list))} must give {num_stages} positive layer "
+                f"counts (one per pipeline stage) summing to the model's {num_layers} layers"
+            )
+        return list(num_layer_list)
+    if num_layers % num_stages:
+        raise ValueError(
+            f"the model's {num_layers} layers do not split evenly into {num_stages} pipeline stages "
+            f"({PP_FLAG} {pp_size} x {virtual_stages} virtual stages); change {PP_FLAG} or pass {NUM_LAYER_LIST_FLAG}"
+        )
+    return [num_layers // num_stages] * num_stages
+
+
+class PipelineStageModule(nn.Module):
+    """One pipeline stage of a Qwen3ForCausalLM with the same child names (`model.*`, `lm_head`).
+
+    Takes token ids (first stage) or hidden states [b, s, hidden] and returns hidden states, or
+    logits [b, s, vocab] on the last stage: plain tensors, as `torch.distributed.pipelining` needs.
+    """
+
+    def __init__(self, config: Qwen3Config, decoder: Qwen3Model, lm_head: nn.Linear | None) -> None:
+        super().__init__()
+        self.config = config
+        self.model = decoder
+        self.lm_head = lm_head
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(inputs)  # [b, s, hidden]
+        return self.lm_head(hidden) if self.lm_head is not None else hidden  # [b, s, vocab] on the last stage
+
+    def holds_tied_head_copy(self) -> bool:
+        """True on a last stage whose lm_head is its own copy of a tied embedding living on the first stage."""
+        return self.config.tie_word_embeddings and self.lm_head is not None and self.model.embed_tokens is None
+
+
+def _cut_stage(model: Qwen3ForCausalLM, layer_names: list[str], first: bool, last: bool) -> PipelineStageModule:
+    """Deep-copy only the parts of `model` that one stage owns."""
+    decoder = model.model
+    dropped: list[nn.Module | None] = [layer for name, layer in decoder.layers.items() if name not in layer_names]
+    dropped += [] if first else [decoder.embed_tokens]
+    dropped += [] if last else [decoder.norm]
+    # deepcopy returns what the memo maps an object to: dropped modules become None instead of being copied.
+    memo = {id(module): None for module in dropped if module is not None}
+    stage_decoder, stage_head = copy.deepcopy((decoder, model.lm_head if last else None), memo)
+    for name in [name for name, layer in stage_decoder.layers.items() if layer is None]:
+        del stage_decoder.layers[name]
+    return PipelineStageModule(model.config, stage_decoder, stage_head)
+
+
+def split_into_stages(
+    model: Qwen3ForCausalLM,
+    pp_rank: int,
+    pp_size: int,
+    num_layer_list: list[int] | None = None,
+    virtual_stages: int = 1,
+) -> list[PipelineStageModule]:
+    """This pp rank's stages (copies; drop `model` afterwards), in execution order.
+
+    Splitting a materialised tied model initialises the last stage's lm_head copy from the
+    embedding; after materialising or loading stages cut from a meta model, call
+    `broadcast_tied_embedding` instead.
+    """
+    if not 0 <= pp_rank < pp_size:
+        raise ValueError(f"pipeline rank {pp_rank} is outside {PP_FLAG} {pp_size}")
+    counts = stage_layer_counts(model.config.num_hidden_layers, pp_size, virtual_stages, num_layer_list)
+    starts = [0, *itertools.accumulate(counts)]
+    num_stages = len(counts)
+    stages = []
+    for stage_index in range(pp_rank, num_stages, pp_size):
+        names = [str(i) for i in range(starts[stage_index], starts[stage_index + 1])]
+        stages.append(_cut_stage(model, names, first=stage_index == 0, last=stage_index == num_stages - 1))
+    return stages
+
+
+# ---- tied embedding across the first and last stage -------------------------------------------------
+
+
+def _group_of(pp: dist.ProcessGroup | DeviceMesh) -> dist.ProcessGroup:
+    return pp.get_group() if isinstance(pp, DeviceMesh) else pp
+
+
+def tied_embedding_group(
+    stages: list[PipelineStageModule], pp: dist.ProcessGroup | DeviceMesh
+) -> dist.ProcessGroup | None:
+    """The process group of the first and last pipeline ranks when they hold the two copies of a tied embedding.
+
+    Call once at setup on every pp rank; returns None where there is nothing to synchronise.
+    """
+    pp_group = _group_of(pp)
+    pp_size = dist.get_world_size(pp_group)
+    if not stages[0].config.tie_word_embeddings or pp_size == 1:
+        return None
+    ends = [dist.get_global_rank(pp_group, 0), dist.get_global_rank(pp_group, pp_size - 1)]
+    if dist.get_rank() not in ends:
+        return None
+    return dist.new_group(ends, use_local_synchronization=True)
+
+
+def _tied_weights(stages: list[PipelineStageModule]) -> list[nn.Parameter]:
+    """This rank's copies of the tied embedding: the first stage's embedding and/or the last stage's lm_head."""
+    weights = []
+    for stage in stages:
+        if stage.model.embed_tokens is not None:
+            weights.append(stage.model.embed_tokens.weight)
+        if stage.holds_tied_head_copy():
+            weights.append(stage.lm_head.weight)
+    return weights
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def sync_tied_embedding_grads(stages: list[PipelineStageModule], group: dist.ProcessGroup | None) -> None:
+    """Sum the embedding and lm_head-copy gradients across the first and last stage (before the optimizer step)."""
+    if group is None:
+        return
+    for weight in _tied_weights(stages):
+        if weight.grad is None:
+            raise RuntimeError("tied embedding has no gradient: run the pipeline step before syncing")
+        dist.all_reduce(_local(weight.grad), group=group)
+
+
+@torch.no_grad()
+def broadcast_tied_embedding(stages: list[PipelineStageModule], group: dist.ProcessGroup | None) -> None:
+    """Copy the first stage's embedding into the last stage's lm_head (after materialising or loading weights)."""
+    if group is None:
+        return
+    source = dist.get_global_rank(group, 0)
+    for weight in _tied_weights(stages):
+        dist.broadcast(_local(weight), src=source, group=group)
+
+
+# ---- loss, schedule, gradient norm ------------------------------------------------------------------
+
+
+class TokenMeanLoss:
+    """Micro-batch loss = summed token cross entropy / tokens of the whole step (`num_tokens`, set per step).
+
+    The micro-batch losses then add up to the mean over all tokens of the step.
+    """
+
+    def __init__(self) -> None:
+        self.num_tokens: int | None = None
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.num_tokens is None:
+            raise RuntimeError("TokenMeanLoss.num_tokens is unset: run steps through PipelineSchedule.step")
+        summed = F.cross_entropy(
+            logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )  # logits [b * s, vocab], labels [b * s]
+        return summed / self.num_tokens
+
+
+@dataclass
+class PipelineSchedule:
+    """A pipeline schedule over this rank's stages; `step` runs one training step's forward and backward."""
+
+    stages: list[PipelineStage]
+    schedule: _PipelineSchedule
+    loss_fn: TokenMeanLoss
+    group: dist.ProcessGroup
+
+    def step(self, input_ids: torch.Tensor, labels: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
+        """Forward + backward of a batch [b, s] split into the micro batches; returns the mean loss on every pp rank.
+
+        `num_tokens` defaults to the labels that are not -100 in this batch. The loss is computed
+        inside `loss_parallel()`, so vocab-sharded (tensor-parallel) logits work too.
+        """
+        counted = int((labels != IGNORE_INDEX).sum()) if num_tokens is None else num_tokens
+        if counted < 1:
+            raise ValueError("the batch has no label other than -100: nothing to train on")
+        self.loss_fn.num_tokens = counted
+        has_first = any(stage.is_first for stage in self.stages)
+        has_last = any(stage.is_last for stage in self.stages)
+        losses: list[torch.Tensor] = []
+        with loss_parallel():
+            if has_first:
+                self.schedule.step(input_ids, target=labels, losses=losses, return_outputs=False)
+            else:
+                self.schedule.step(target=labels, losses=losses, return_outputs=False)
+        device = self.stages[0].device
+        total = torch.stack([_local(loss).detach() for loss in losses]).sum() if has_last else torch.zeros((), device=device)
+        last_rank = dist.get_global_rank(self.group, dist.get_world_size(self.group) - 1)
+        dist.broadcast(total, src=last_rank, group=self.group)
+        return total
+
+
+def build_pipeline_schedule(
+    stages: list[PipelineStageModule],
+    pp: dist.ProcessGroup | DeviceMesh,
+    n_microbatches: int,
+    loss_fn: TokenMeanLoss | None = None,
+    schedule: str = "1f1b",
+) -> PipelineSchedule:
+    """Wrap this rank's stages (from `split_into_stages`) in PipelineStages and a schedule.
+
+    `schedule` is "1f1b", "gpipe" (one stage per rank) or "interleaved_1f1b" (several).
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"pipeline schedule {schedule!r} is not supported; use one of {', '.join(SCHEDULES)}")
+    interleaved = schedule == "interleaved_1f1b"
+    if interleaved != (len(stages) > 1):
+        raise ValueError(
+            f"schedule {schedule!r} got {len(stages)} stage(s) on this rank: interleaved_1f1b needs virtual "
+            f"stages ({VIRTUAL_FLAG}), 1f1b and gpipe need exactly one"
+        )
+    group = _group_of(pp)
+    pp_rank, pp_size = dist.get_rank(group), dist.get_world_size(group)
+    if n_microbatches < 1:
+        raise ValueError(f"number of micro batches must be >= 1, got {n_microbatches}")
+    loss_fn = TokenMeanLoss() if loss_fn is None else loss_fn
+    num_stages = pp_size * len(stages)
+    pipeline_stages = [
+        PipelineStage(module, pp_rank + i * pp_size, num_stages, _device_of(module), group=group)
+        for i, module in enumerate(stages)
+    ]
+    schedule_class = SCHEDULES[schedule]
+    runner = schedule_class(
+        pipeline_stages if interleaved else pipeline_stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=False
+    )
+    return PipelineSchedule(pipeline_stages, runner, loss_fn, group)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _norm_parameters(stages: list[nn.Module]) -> Iterable[nn.Parameter]:
+    """This rank's parameters, with a tied embedding counted once across the pipeline."""
+    for stage in stages:
+        is_copy = isinstance(stage, PipelineStageModule) and stage.holds_tied_head_copy()
+        copy_of_embedding = stage.lm_head.weight if is_copy else None
+        yield from (p for p in stage.parameters() if p is not copy_of_embedding)
+
+
+def clip_grad_norm_(
+    stages: list[nn.Module], max_norm: float, pp: dist.ProcessGroup | DeviceMesh | None = None
+) -> torch.Tensor:
+    """Clip the gradients of all stages by the global L2 norm over DTensor shards and pipeline ranks; return that norm.
+
+    Works for a plain (non-pipelined) model too: pass `[model]` and no group.
+    """
+    grads = [p.grad for p in _norm_parameters(stages) if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    if pp is not None and dist.get_world_size(_group_of(pp)) > 1:
+        squared = norm.pow(2)
+        dist.all_reduce(squared, group=_group_of(pp))
+        norm = squared.sqrt()
+    torch.nn.utils.clip_grads_with_norm_([p for stage in stages for p in stage.parameters()], max_norm, norm)
+    return norm
