@@ -1,0 +1,198 @@
+"""Megatron's iteration and validation log lines, throughput figures, the start-up summary, and the
+same numbers as `<run dir>/metrics.jsonl` and TensorBoard scalars (written by the last rank)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qwen3_pretrain.config import TrainConfig, schedule_steps
+from qwen3_pretrain.distributed.mesh import ParallelEnv
+from qwen3_pretrain.distributed.planner import DEVICE_SPECS, Layout, estimate_memory
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class IterationLog:
+    """The values of one iteration log line (averages over the log interval where Megatron averages)."""
+
+    iteration: int
+    train_iters: int
+    consumed_samples: int
+    elapsed_ms_per_iteration: float
+    lr: float
+    global_batch_size: int
+    lm_loss: float  # mean over the interval's applied (not skipped) iterations
+    loss_scale: float
+    grad_norm: float  # of the last iteration
+    skipped_iterations: int  # in this interval
+    nan_iterations: int  # in this interval
+    tokens_per_sec_per_device: float
+    tflops_per_device: float
+    mfu: float | None  # fraction of the device's dense peak; None when the peak is unknown
+
+    def to_record(self) -> dict[str, Any]:
+        """The JSONL record: the line's numbers at full precision (non-finite values as null)."""
+        record = {k: _finite_or_none(v) for k, v in vars(self).items() if k != "train_iters"}
+        if self.mfu is None:
+            record.pop("mfu")
+        return record
+
+
+def format_iteration_line(log: IterationLog, now: datetime | None = None) -> str:
+    """Megatron's training log line, fields and widths as in Megatron, throughput fields appended."""
+    stamp = (now or datetime.now()).strftime("%Y-%m-%d %H:%M:%S")
+    line = (
+        f" [{stamp}] iteration {log.iteration:8d}/{log.train_iters:8d} |"
+        f" consumed samples: {log.consumed_samples:12d} |"
+        f" elapsed time per iteration (ms): {log.elapsed_ms_per_iteration:.1f} |"
+        f" learning rate: {log.lr:.6E} |"
+        f" global batch size: {log.global_batch_size:5d} |"
+        f" lm loss: {log.lm_loss:.6E} |"
+        f" loss scale: {log.loss_scale:.1f} |"
+        f" grad norm: {log.grad_norm:.3f} |"
+        f" number of skipped iterations: {log.skipped_iterations:3d} |"
+        f" number of nan iterations: {log.nan_iterations:3d} |"
+        f" tokens per second per device: {log.tokens_per_sec_per_device:.1f} |"
+        f" TFLOP/s per device: {log.tflops_per_device:.2f} |"
+    )
+    if log.mfu is not None:
+        line += f" MFU: {100 * log.mfu:.1f}% |"
+    return line
+
+
+def format_validation_lines(label: str, loss: float) -> list[str]:
+    """Megatron's validation block: a dashed rule, ` validation loss at {label} | lm loss value: ... |
+    lm loss PPL: ... | `, a dashed rule."""
+    text = f" validation loss at {label} | lm loss value: {loss:.6E} | lm loss PPL: {perplexity(loss):.6E} | "
+    rule = "-" * (len(text) + 1)
+    return [rule, text, rule]
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss) capped at exp(20), as Megatron reports it."""
+    return math.exp(min(20.0, loss)) if math.isfinite(loss) else float("nan")
+
+
+def device_peak_tflops(device: torch.device, compute_dtype: torch.dtype) -> float | None:
+    """Dense bf16/fp16 peak TFLOP/s of the device when known (None on CPU, in fp32, or unknown)."""
+    if device.type == "cpu" or compute_dtype == torch.float32:
+        return None
+    try:
+        name = getattr(torch, device.type).get_device_name(device)
+    except (AttributeError, RuntimeError):
+        return None
+    compact = "".join(name.lower().split()).replace("-", "")
+    matches = [key for key in DEVICE_SPECS if key in compact]
+    return DEVICE_SPECS[max(matches, key=len)][0] if matches else None
+
+
+def throughput(
+    config: TrainConfig, iterations: int, seconds: float, world_size: int, peak_tflops: float | None
+) -> tuple[float, float, float | None]:
+    """(tokens/s per device, model TFLOP/s per device, MFU or None) of `iterations` in `seconds`."""
+    resolved = config.require_resolved()
+    seq = config.data.seq_length
+    tokens = resolved.global_batch_size * seq * iterations / max(seconds, 1e-9) / world_size
+    tflops = tokens * resolved.model_config.flops_per_token(seq) / 1e12
+    return tokens, tflops, (tflops / peak_tflops if peak_tflops else None)
+
+
+def _finite_or_none(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class MetricsWriter:
+    """Appends records to `<run_dir>/metrics.jsonl` and scalars to TensorBoard; inactive off the last rank."""
+
+    def __init__(self, run_dir: str | None, tensorboard_dir: str | None, active: bool) -> None:
+        self.jsonl = None
+        self.tensorboard = None
+        if not active:
+            return
+        if run_dir is not None:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(os.path.join(run_dir, METRICS_FILE), "a", encoding="utf-8")  # noqa: SIM115
+        if tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(log_dir=tensorboard_dir, max_queue=1000)
+
+    def iteration(self, log: IterationLog) -> None:
+        self._write(log.to_record())
+        if self.tensorboard is not None:
+            step = log.iteration
+            scalars = {
+                "learning-rate": log.lr, "batch-size": log.global_batch_size, "lm loss": log.lm_loss,
+                "loss-scale": log.loss_scale, "grad-norm": log.grad_norm, "iteration-time": log.elapsed_ms_per_iteration / 1e3,
+                "tokens-per-sec-per-device": log.tokens_per_sec_per_device, "tflops-per-device": log.tflops_per_device,
+            }
+            if log.mfu is not None:
+                scalars["mfu"] = log.mfu
+            for tag, value in scalars.items():
+                self.tensorboard.add_scalar(tag, value, step)
+            self.tensorboard.add_scalar("lm loss vs samples", log.lm_loss, log.consumed_samples)
+
+    def validation(self, iteration: int, loss: float) -> None:
+        self._write({"iteration": iteration, "val_loss": _finite_or_none(loss), "val_ppl": _finite_or_none(perplexity(loss))})
+        if self.tensorboard is not None:
+            self.tensorboard.add_scalar("lm loss validation", loss, iteration)
+            self.tensorboard.add_scalar("lm loss validation ppl", perplexity(loss), iteration)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def startup_summary(config: TrainConfig, env: ParallelEnv, compute_dtype: torch.dtype) -> list[str]:
+    """Lines describing the model, layout, batch arithmetic, tokens per iteration and memory per device."""
+    r = config.require_resolved()
+    cfg = r.model_config
+    seq, mbs = config.data.seq_length, config.training.micro_batch_size
+    par = config.parallel
+    tokens_per_iter = r.global_batch_size * seq
+    dp_mode = "FSDP2 sharded" if not par.no_shard else "replicated (DDP-style)"
+    if env.world_size == 1:
+        dp_mode = "single process"
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(compute_dtype, "fp32")
+    steps = schedule_steps(config, r.train_iters, r.global_batch_size)
+    layout = Layout(tp=env.tp, pp=env.pp, dp=env.dp, micro_batch_size=mbs, recompute=par.recompute_granularity or "none",
+                    sequence_parallel=par.sequence_parallel, shard=not par.no_shard)
+    memory = estimate_memory(cfg, layout, seq, compute_dtype_bytes=2 if compute_dtype != torch.float32 else 4).as_gib()
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in memory.items() if k != "total")
+    opt = config.optimizer
+    lines = [
+        f"model: Qwen3 with {cfg.num_parameters():,} parameters ({cfg.num_hidden_layers} layers, hidden "
+        f"{cfg.hidden_size}, {cfg.num_attention_heads} heads / {cfg.num_key_value_heads} kv heads x {cfg.head_dim}, "
+        f"ffn {cfg.intermediate_size}, vocab {cfg.vocab_size}, {'tied' if cfg.tie_word_embeddings else 'untied'} "
+        f"embeddings); {cfg.flops_per_token(seq) / 1e9:.2f} GFLOP per token",
+        f"layout: {env.world_size} process(es) on {env.device.type} = TP {env.tp} x PP {env.pp} x DP {env.dp}, "
+        f"{dp_mode}, recompute {par.recompute_granularity or 'none'}, compile {'on' if par.compile else 'off'}, "
+        f"{precision} compute with fp32 master weights and optimizer state",
+        f"batch: global {r.global_batch_size} = micro {mbs} x DP {env.dp} x {r.num_microbatches} accumulation "
+        f"step(s); {tokens_per_iter:,} tokens per iteration (seq {seq}); {r.train_iters} iterations = "
+        f"{tokens_per_iter * r.train_iters:,} tokens",
+        f"optimizer: AdamW lr {opt.lr:g} -> {opt.min_lr:g} ({opt.lr_decay_style}), warmup {steps.warmup:g} samples, "
+        f"decay over {steps.decay} samples, weight decay {opt.weight_decay:g}, clip {opt.clip_grad:g}, "
+        f"betas ({opt.adam_beta1:g}, {opt.adam_beta2:g})",
+        f"memory estimate per device: {memory['total']:.2f} GiB ({parts})",
+    ]
+    ignored = config.ignored + r.notes
+    if ignored:
+        lines.append(f"ignored (not needed here): {' '.join(ignored)}")
+    return lines

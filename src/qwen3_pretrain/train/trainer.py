@@ -1,0 +1,548 @@
+"""The pretraining loop: `run_training(config) -> TrainResult`, in one process or under torchrun.
+
+One iteration = one optimizer step on `global batch` samples: `num_microbatches` forward/backward
+passes of `micro batch` samples on each of the DP ranks. The loss of the step is the sum of the
+per-token cross entropy over the whole global batch divided by its number of loss tokens
+(Megatron's per-token loss), so any DP size / accumulation split gives the same gradients.
+Per-iteration values stay on the device until the next log line (or checkpoint), where they are
+read in one go: a step needs no host synchronisation. A non-finite gradient norm skips the update
+(on the device), is counted in "number of skipped iterations" (and "nan iterations" when the loss
+itself is not finite), and too many in a row stop the run with an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from qwen3_pretrain.config import TrainConfig
+from qwen3_pretrain.distributed.device import device_type
+from qwen3_pretrain.distributed.mesh import ParallelEnv, init_parallel, shutdown_parallel
+from qwen3_pretrain.distributed.parallelize import load_full_weights, parallelize_model
+from qwen3_pretrain.model.qwen3 import IGNORE_INDEX, Qwen3ForCausalLM
+from qwen3_pretrain.train.metrics import (
+    IterationLog,
+    MetricsWriter,
+    device_peak_tflops,
+    format_iteration_line,
+    format_validation_lines,
+    startup_summary,
+    throughput,
+)
+from qwen3_pretrain.train.optim import (
+    build_loss_scaler,
+    build_optimizer,
+    build_scheduler,
+    clip_grad_norm_,
+    scale_grads_,
+    step_unless_nonfinite,
+)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (e.g. too many non-finite iterations in a row); the message says why."""
+
+
+@dataclass
+class TrainResult:
+    """What a call of `run_training` did; per-iteration lists cover the iterations run in this call."""
+
+    iterations: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # global mean loss per token (nan when not finite)
+    learning_rates: list[float] = field(default_factory=list)  # the LR each iteration's update used
+    grad_norms: list[float] = field(default_factory=list)  # before clipping
+    skipped: list[bool] = field(default_factory=list)
+    validation: list[tuple[int, float]] = field(default_factory=list)  # (iteration, loss) per evaluation
+    final_iteration: int = 0
+    consumed_samples: int = 0
+    stopped_by_signal: bool = False
+    checkpoints: list[Path] = field(default_factory=list)
+    tokens_per_sec_per_device: float | None = None
+    tflops_per_device: float | None = None
+    mfu: float | None = None
+
+
+@dataclass
+class _Pending:
+    """Device values of one iteration, read at the next log or save."""
+
+    iteration: int
+    lr: float
+    loss_sum: torch.Tensor  # this DP rank's summed token loss
+    tokens: int  # loss tokens in the global batch
+    grad_norm: torch.Tensor
+    found_inf: torch.Tensor
+    scale_at_minimum: torch.Tensor | None  # fp16: the loss scale could not back off further
+
+
+class StopSignal:
+    """SIGTERM/SIGINT request a clean stop after the current iteration; a second SIGINT interrupts."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = name
+        print(f"received {name}: finishing the current iteration, then saving and exiting", flush=True)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def compute_dtype_of(config: TrainConfig) -> torch.dtype:
+    return torch.bfloat16 if config.precision.bf16 else torch.float16 if config.precision.fp16 else torch.float32
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of the float32 cross entropy over positions whose label is not -100 (logits [b, s, vocab])."""
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )  # [b * s, vocab], [b * s] -> scalar
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(config: TrainConfig, env: ParallelEnv) -> Qwen3ForCausalLM:
+    """Meta model -> parallelize -> to_empty -> tie -> initial weights (init, or HF / mcore weights)."""
+    resolved = config.require_resolved()
+    cfg = resolved.model_config
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(cfg)
+    par = config.parallel
+    parallelize_model(
+        model, env, compute_dtype_of(config), sequence_parallel=par.sequence_parallel,
+        recompute_granularity=par.recompute_granularity, compile_blocks=par.compile, shard=not par.no_shard,
+    )
+    model.to_empty(device=env.device)
+    model.tie_weights()  # to_empty gives embed_tokens and lm_head separate parameters
+    model.model.rotary_emb.reset_parameters()
+    load, fmt = config.checkpoint.load, resolved.load_format
+    if fmt == "hf":
+        from qwen3_pretrain.checkpoint.hf import iter_hf_tensors
+
+        load_full_weights(model, iter_hf_tensors(load, torch.float32), f"--load {load}")
+    elif fmt == "mcore":
+        from qwen3_pretrain.checkpoint.mcore import iter_mcore_as_hf
+
+        _, _, tensors = iter_mcore_as_hf(load, config=cfg)
+        load_full_weights(model, tensors, f"--load {load}")
+    elif fmt != "native":  # a native checkpoint overwrites every weight later
+        _init_weights(model, env, config.training.seed)
+    return model
+
+
+def _init_weights(model: Qwen3ForCausalLM, env: ParallelEnv, seed: int) -> None:
+    """Random init with `seed`. On CPU meshes (where DTensor has no distributed RNG) every rank builds
+    the same full model and keeps its slices, so any layout starts from the single-process weights."""
+    torch.manual_seed(seed)
+    if env.mesh is None or device_type() != "cpu":
+        model.init_weights()
+        return
+    with torch.device("meta"):
+        full = Qwen3ForCausalLM(model.config)
+    full.to_empty(device="cpu")
+    full.tie_weights()
+    full.init_weights()
+    load_full_weights(model, full.named_parameters(), "the initial weights")
+
+
+class Trainer:
+    """Holds the model, optimizer, schedule, data and counters of one run; `run()` trains."""
+
+    def __init__(self, config: TrainConfig, env: ParallelEnv) -> None:
+        self.config, self.env = config, env
+        self.resolved = config.require_resolved()
+        self.compute_dtype = compute_dtype_of(config)
+        seed_everything(config.training.seed)
+        self.model = build_model(config, env)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.model, config)
+        self.scheduler = build_scheduler(self.optimizer, config)
+        self.scaler = build_loss_scaler(config, env.device)
+        self.iteration = 0
+        self.consumed_samples = 0
+        self.consumed_valid_samples = 0
+        self.skipped_total = 0
+        self.nan_total = 0
+        self.nonfinite_streak = 0
+        self._load_checkpoint()
+        self.pending: list[_Pending] = []
+        self.last_grad_norm = float("nan")
+        self.last_saved = self.iteration if self.resolved.load_format == "native" and not config.checkpoint.finetune else -1
+        self.interval = {"iterations": 0, "loss_sum": 0.0, "applied": 0, "skipped": 0, "nan": 0}
+        self.result = TrainResult()
+        self.peak_tflops = device_peak_tflops(env.device, self.compute_dtype)
+        self.metrics = MetricsWriter(
+            config.logging.run_dir or config.checkpoint.save, config.logging.tensorboard_dir, env.is_last_rank
+        )
+        self.train_data, self.valid_data, self.test_data = self._build_datasets()
+
+    # ---- setup ---------------------------------------------------------------------------------
+
+    def _load_checkpoint(self) -> None:
+        if self.resolved.load_format != "native":
+            return
+        from qwen3_pretrain.checkpoint.native import load_checkpoint
+
+        ck = self.config.checkpoint
+        with_optimizer = not (ck.no_load_optim or ck.finetune)
+        state = load_checkpoint(
+            ck.load, self.model,
+            optimizer=self.optimizer if with_optimizer else None,
+            lr_scheduler=self.scheduler if with_optimizer else None,
+            load_rng=not (ck.no_load_rng or ck.finetune),
+        )
+        if ck.finetune:
+            return
+        self.iteration = int(state["iteration"])
+        self.consumed_samples = int(state.get("consumed_samples", self.iteration * self.resolved.global_batch_size))
+        self.consumed_valid_samples = int(state.get("consumed_valid_samples", 0))
+        self.skipped_total = int(state.get("skipped_iterations", 0))
+        self.nan_total = int(state.get("nan_iterations", 0))
+        self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
+        if not with_optimizer:  # fresh optimizer, but the schedule continues where the data position is
+            self.scheduler.step(self.consumed_samples)
+        elif self.scaler is not None and state.get("loss_scaler") is not None:
+            self.scaler.load_state_dict(state["loss_scaler"])
+
+    def _build_datasets(self) -> tuple[Any, Any, Any]:
+        from qwen3_pretrain.data.gpt_dataset import build_gpt_datasets
+
+        data, log, r = self.config.data, self.config.logging, self.resolved
+        gbs = r.global_batch_size
+        eval_samples = (r.train_iters // log.eval_interval + 1) * log.eval_iters * gbs
+        num_samples = (r.train_iters * gbs, eval_samples, log.eval_iters * gbs)
+
+        def build() -> tuple[Any, Any, Any]:
+            return build_gpt_datasets(
+                data.data_path, data.split, data.seq_length, self.config.training.seed, num_samples,
+                cache_dir=data.data_cache_path, eod_token_id=data.eod_token_id,
+                eod_mask_loss=data.eod_mask_loss, reset_position_ids=data.reset_position_ids,
+            )
+
+        if not self.env.distributed:
+            return build()
+        if self.env.rank == 0:  # rank 0 builds and caches the sample indices, the others read them
+            datasets = build()
+        dist.barrier(group=self.env.control_group)
+        if self.env.rank != 0:
+            datasets = build()
+        return datasets
+
+    def _micro_batches(self, dataset: Any, consumed: int, cyclic: bool) -> Iterator[dict[str, torch.Tensor]]:
+        """This DP rank's micro batches from sample `consumed` on (restarting at 0 when cyclic)."""
+        from qwen3_pretrain.data.loader import build_pretraining_loader
+
+        data = self.config.data
+        while True:
+            if consumed >= len(dataset):
+                if not cyclic:
+                    return
+                consumed = 0
+            loader = build_pretraining_loader(
+                dataset, consumed, self.config.training.micro_batch_size, self.env.dp_rank, self.env.dp,
+                num_workers=data.num_workers, pin_memory=self.env.device.type != "cpu",
+            )
+            yield from loader
+            if not cyclic:
+                return
+            consumed = len(dataset)
+
+    # ---- one step ------------------------------------------------------------------------------
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        labels = batch["labels"].masked_fill(batch["loss_mask"] == 0, IGNORE_INDEX)
+        device = self.env.device
+        positions = batch["position_ids"].to(device, non_blocking=True) if self.config.data.reset_position_ids else None
+        return batch["tokens"].to(device, non_blocking=True), labels.to(device, non_blocking=True), positions
+
+    def _global_tokens(self, batches: list[dict[str, torch.Tensor]]) -> int:
+        """Loss tokens in the global batch (TP/PP ranks of one DP slot hold the same data)."""
+        local = sum(int(b["loss_mask"].sum()) for b in batches)
+        return self.env.host_sum(local) // (self.env.tp * self.env.pp)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.env.mesh is None and self.compute_dtype != torch.float32:
+            return torch.autocast(self.env.device.type, dtype=self.compute_dtype)
+        return contextlib.nullcontext()
+
+    def _loss_parallel(self) -> contextlib.AbstractContextManager[Any]:
+        if self.env.tp > 1:
+            from qwen3_pretrain.distributed.tensor_parallel import vocab_parallel_loss
+
+            return vocab_parallel_loss()
+        return contextlib.nullcontext()
+
+    def _forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        tokens, labels, positions = self._to_device(batch)
+        with self._autocast():
+            logits = self.model(tokens, position_ids=positions).logits
+            return token_loss_sum(logits, labels)
+
+    def train_step(self, batches: list[dict[str, torch.Tensor]]) -> _Pending:
+        """Forward/backward every micro batch, clip, and update unless the gradients are not finite."""
+        tokens = self._global_tokens(batches)
+        divisor = float(max(tokens, 1))
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.env.device)
+        for batch in batches:
+            with self._loss_parallel():
+                loss = self._forward_loss(batch)
+                scale = self.scaler.scale / divisor if self.scaler is not None else 1.0 / divisor
+                (loss * scale).backward()
+            loss_sum += _plain(loss.detach())
+        if self.scaler is not None:
+            scale_grads_(self.params, 1.0 / self.scaler.scale)
+        grad_norm = clip_grad_norm_(self.params, self.config.optimizer.clip_grad)
+        found_inf = (~torch.isfinite(grad_norm)).float()
+        lr = self.optimizer.param_groups[0]["lr"]
+        step_unless_nonfinite(self.optimizer, found_inf)
+        at_minimum = None
+        if self.scaler is not None:
+            self.scaler.update(found_inf)
+            at_minimum = self.scaler.at_minimum()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step(self.resolved.global_batch_size)  # corrected in _flush if the update was skipped
+        self.iteration += 1
+        self.consumed_samples += self.resolved.global_batch_size
+        return _Pending(self.iteration, lr, loss_sum, tokens, grad_norm, found_inf, at_minimum)
+
+    # ---- reading device values (log / save time) ----------------------------------------------
+
+    def _flush(self) -> None:
+        """Read the pending iterations' values, update counters and the result; correct the schedule."""
+        if not self.pending:
+            return
+        sums = torch.stack([p.loss_sum for p in self.pending])  # [k]
+        if self.env.dp_group is not None and self.env.dp > 1:
+            dist.all_reduce(sums, group=self.env.dp_group)
+        norms = torch.stack([p.grad_norm.float() for p in self.pending]).tolist()
+        found = torch.stack([p.found_inf for p in self.pending]).tolist()
+        minimum = [bool(p.scale_at_minimum) if p.scale_at_minimum is not None else True for p in self.pending]
+        skipped_now = nan_now = 0
+        for p, loss_sum, norm, inf, at_min in zip(self.pending, sums.tolist(), norms, found, minimum):
+            loss = loss_sum / max(p.tokens, 1)
+            skipped = inf > 0
+            nan = skipped and not math.isfinite(loss)
+            self.result.iterations.append(p.iteration)
+            self.result.losses.append(loss)
+            self.result.learning_rates.append(p.lr)
+            self.result.grad_norms.append(norm)
+            self.result.skipped.append(skipped)
+            self.interval["iterations"] += 1
+            skipped_now += int(skipped)
+            nan_now += int(nan)
+            if skipped:
+                if nan or at_min:
+                    self.nonfinite_streak += 1
+            else:
+                self.interval["loss_sum"] += loss
+                self.interval["applied"] += 1
+                self.nonfinite_streak = 0
+        self.interval["skipped"] += skipped_now
+        self.interval["nan"] += nan_now
+        self.skipped_total += skipped_now
+        self.nan_total += nan_now
+        if skipped_now:  # Megatron does not advance the schedule for skipped updates
+            self.scheduler.step(-skipped_now * self.resolved.global_batch_size)
+        self.last_grad_norm = norms[-1]
+        self.pending.clear()
+        limit = self.config.training.stop_after_nonfinite_iters
+        if self.nonfinite_streak >= limit:
+            raise TrainingError(
+                f"the last {self.nonfinite_streak} iterations (up to {self.iteration}) had a non-finite loss or "
+                f"gradient and were skipped (--stop-after-nonfinite-iters {limit}); the weights are those of the last "
+                "good update. Lower --lr, raise --lr-warmup-*, check the data, or resume from an earlier checkpoint"
+            )
+
+    def _log_line(self, seconds: float) -> None:
+        """Print the iteration line (last rank) and write the same numbers to JSONL/TensorBoard."""
+        iv = self.interval
+        n = max(iv["iterations"], 1)
+        tokens, tflops, mfu = throughput(self.config, n, seconds, self.env.world_size, self.peak_tflops)
+        log = IterationLog(
+            iteration=self.iteration, train_iters=self.resolved.train_iters, consumed_samples=self.consumed_samples,
+            elapsed_ms_per_iteration=seconds * 1000.0 / n, lr=self.optimizer.param_groups[0]["lr"],
+            global_batch_size=self.resolved.global_batch_size,
+            lm_loss=iv["loss_sum"] / iv["applied"] if iv["applied"] else float("nan"),
+            loss_scale=float(self.scaler.scale) if self.scaler is not None else 1.0,
+            grad_norm=self.last_grad_norm, skipped_iterations=iv["skipped"], nan_iterations=iv["nan"],
+            tokens_per_sec_per_device=tokens, tflops_per_device=tflops, mfu=mfu,
+        )
+        if self.env.is_last_rank:
+            print(format_iteration_line(log), flush=True)
+        self.metrics.iteration(log)
+        self.interval = {"iterations": 0, "loss_sum": 0.0, "applied": 0, "skipped": 0, "nan": 0}
+
+    # ---- evaluation ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, dataset: Any, consumed: int, label: str) -> float:
+        """Mean token loss over `--eval-iters` global batches of `dataset` from sample `consumed`."""
+        per_rank = self.config.logging.eval_iters * self.resolved.num_microbatches
+        batches = self._micro_batches(dataset, consumed, cyclic=True)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.env.device)
+        local_tokens = 0
+        for _, batch in zip(range(per_rank), batches):
+            with self._loss_parallel():
+                loss_sum += _plain(self._forward_loss(batch))
+            local_tokens += int(batch["loss_mask"].sum())
+        if self.env.dp_group is not None and self.env.dp > 1:
+            dist.all_reduce(loss_sum, group=self.env.dp_group)
+        tokens = self.env.host_sum(local_tokens) // (self.env.tp * self.env.pp)
+        loss = float(loss_sum) / max(tokens, 1)
+        if self.env.is_last_rank:
+            print("\n".join(format_validation_lines(label, loss)), flush=True)
+        return loss
+
+    def _periodic_eval(self) -> float:
+        """Validation at --eval-interval; returns the seconds it took (kept out of iteration timing)."""
+        log = self.config.logging
+        if self.valid_data is None or log.eval_iters == 0 or self.iteration % log.eval_interval:
+            return 0.0
+        start = time.perf_counter()
+        loss = self.evaluate(self.valid_data, self.consumed_valid_samples % len(self.valid_data),
+                             f"iteration {self.iteration}")
+        self.consumed_valid_samples += log.eval_iters * self.resolved.global_batch_size
+        self.result.validation.append((self.iteration, loss))
+        self.metrics.validation(self.iteration, loss)
+        return time.perf_counter() - start
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def save(self) -> None:
+        """Save a native checkpoint of the current iteration (reads pending values first)."""
+        from qwen3_pretrain.checkpoint.native import save_checkpoint
+
+        self._flush()
+        train_state = {
+            "consumed_samples": self.consumed_samples,
+            "consumed_valid_samples": self.consumed_valid_samples,
+            "skipped_iterations": self.skipped_total,
+            "nan_iterations": self.nan_total,
+            "nonfinite_streak": self.nonfinite_streak,
+            "loss_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+        path = save_checkpoint(
+            self.config.checkpoint.save, self.iteration, self.model, self.optimizer, self.scheduler,
+            train_state=train_state, config=self.config.checkpoint_dict(),
+        )
+        self.result.checkpoints.append(path)
+        self.last_saved = self.iteration
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        """Train until --train-iters (or a stop signal); save at --save-interval and at the end."""
+        config, env, r = self.config, self.env, self.resolved
+        if env.rank == 0:
+            print("\n".join(startup_summary(config, env, self.compute_dtype)), flush=True)
+        ck, log = config.checkpoint, config.logging
+        stop = StopSignal()
+        try:
+            batches = self._micro_batches(self.train_data, self.consumed_samples, cyclic=False)
+            run_start = interval_start = time.perf_counter()
+            start_iteration = self.iteration
+            while self.iteration < r.train_iters:
+                step_batches = [next(batches) for _ in range(r.num_microbatches)]
+                self.pending.append(self.train_step(step_batches))
+                if self.iteration % log.log_interval == 0:
+                    self._flush()
+                    now = time.perf_counter()
+                    self._log_line(now - interval_start)
+                    interval_start = now
+                interval_start += self._periodic_eval()
+                if ck.save and ck.save_interval and self.iteration % ck.save_interval == 0:
+                    interval_start += self._timed(self.save)
+                if env.host_any(stop.received is not None):
+                    self.result.stopped_by_signal = True
+                    break
+            self._flush()
+            seconds = time.perf_counter() - run_start
+            if ck.save and self.last_saved != self.iteration:
+                self.save()
+            if not self.result.stopped_by_signal:
+                self._final_evaluations()
+            self._finish(self.iteration - start_iteration, seconds)
+        finally:
+            stop.restore()
+            self.metrics.close()
+        return self.result
+
+    def _timed(self, action: Any) -> float:
+        start = time.perf_counter()
+        action()
+        return time.perf_counter() - start
+
+    def _final_evaluations(self) -> None:
+        """Megatron evaluates the validation and test splits once more after training."""
+        log = self.config.logging
+        if log.eval_iters == 0:
+            return
+        if self.valid_data is not None and (not self.result.validation or self.result.validation[-1][0] != self.iteration):
+            loss = self.evaluate(self.valid_data, self.consumed_valid_samples % len(self.valid_data),
+                                 f"iteration {self.iteration} on validation set")
+            self.result.validation.append((self.iteration, loss))
+            self.metrics.validation(self.iteration, loss)
+        if self.test_data is not None:
+            self.evaluate(self.test_data, 0, f"iteration {self.iteration} on test set")
+
+    def _finish(self, iterations: int, seconds: float) -> None:
+        result = self.result
+        result.final_iteration, result.consumed_samples = self.iteration, self.consumed_samples
+        if iterations:
+            tokens, tflops, mfu = throughput(self.config, iterations, seconds, self.env.world_size, self.peak_tflops)
+            result.tokens_per_sec_per_device, result.tflops_per_device, result.mfu = tokens, tflops, mfu
+        if self.env.rank == 0:
+            how = "stopped by signal" if result.stopped_by_signal else "finished"
+            rate = f"; {tokens:.1f} tokens/s per device, {tflops:.2f} TFLOP/s per device" if iterations else ""
+            mfu_text = f", MFU {100 * mfu:.1f}%" if iterations and mfu is not None else ""
+            print(f"training {how} at iteration {self.iteration} ({iterations} this run){rate}{mfu_text}", flush=True)
+
+
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    """A replicated DTensor (loss under loss_parallel) as a plain tensor."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def run_training(config: TrainConfig) -> TrainResult:
+    """Train with `config` in this process (one of the torchrun ranks, or alone).
+
+    Validates the config for this world size before any process group starts, joins or creates the
+    process group, trains, and leaves the group as it found it (created here -> destroyed here).
+    """
+    world = dist.get_world_size() if dist.is_initialized() else None
+    if config.resolved is None or (world is not None and config.resolved.world_size != world):
+        config.validate(world)
+    env = init_parallel(config.parallel.tensor_model_parallel_size, config.parallel.pipeline_model_parallel_size)
+    result = Trainer(config, env).run()
+    sys.stdout.flush()
+    shutdown_parallel(env)
+    return result
