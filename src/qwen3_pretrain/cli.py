@@ -11,6 +11,7 @@ import sys
 
 # name -> (module with main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("qwen3_pretrain.train.cli", "pretrain with Megatron/MindSpeed flags (--config YAML, --nproc-per-node N)"),
     "plot": ("qwen3_pretrain.train.plot", "draw loss/lr/throughput curves of a run to a PNG (plot RUN_DIR)"),
     "export": ("qwen3_pretrain.checkpoint.export", "export a native checkpoint to HF safetensors + config + tokenizer"),
     "tokenizer": ("qwen3_pretrain.tokenizer", "build the offline Qwen3 tokenizer (tokenizer build OUT_DIR)"),
