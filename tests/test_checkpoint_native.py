@@ -1,7 +1,7 @@
 """Native DCP checkpoints: exact round trips, FSDP2 <-> single process resharding, kill -9 atomicity.
 
-Kill -9 cases fork the test process and SIGKILL the child at an injected point of its save. The
-FSDP2 case runs this file as a script, one subprocess per rank; see `_main` at the bottom.
+Kill -9 cases run this file as a CPU-only script that forks one child per fault; each child
+SIGKILLs itself at an injected point of its save. The FSDP2 case runs it once per rank. See `_main`.
 """
 
 from __future__ import annotations
@@ -245,32 +245,52 @@ def _install_fault(fault: str) -> None:
         native.os.replace = replace  # type: ignore[assignment]
 
 
-@pytest.mark.parametrize("fault", FAULTS)
-def test_kill_during_save_keeps_previous_checkpoint(tmp_path: Path, fault: str) -> None:
-    model, optimizer, scheduler = _setup(seed=0)
-    _train(model, optimizer, scheduler, steps=1, seed=1)
-    save_checkpoint(tmp_path, 1, model, optimizer, scheduler, {"consumed_samples": 2}, CONFIG)
-    expected = copy.deepcopy(_full_state(model, optimizer))
-    _train(model, optimizer, scheduler, steps=1, seed=2)
-    iteration = 1 if fault == "resave_between_renames" else 2
-    pid = os.fork()
-    if pid == 0:  # child: save until the fault kills it; never return into pytest
-        try:
-            _install_fault(fault)
-            save_checkpoint(tmp_path, iteration, model, optimizer, scheduler, {"consumed_samples": 4}, CONFIG)
-        finally:
-            os._exit(1)
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"child exited with status {status}"
+def _fault_worker(workdir: Path) -> None:
+    """Per fault: save iteration 1 (+ its expected state), then fork a child that saves again with the
+    fault installed; record the child's wait status in `workdir/FAULT/status`."""
+    for fault in FAULTS:
+        save_dir = workdir / fault / "ckpt"
+        model, optimizer, scheduler = _setup(seed=0)
+        _train(model, optimizer, scheduler, steps=1, seed=1)
+        save_checkpoint(save_dir, 1, model, optimizer, scheduler, {"consumed_samples": 2}, CONFIG)
+        torch.save(_full_state(model, optimizer), workdir / fault / "expected.pt")
+        _train(model, optimizer, scheduler, steps=1, seed=2)
+        iteration = 1 if fault == "resave_between_renames" else 2
+        pid = os.fork()  # safe: this process runs CPU-only (see _cpu_env)
+        if pid == 0:
+            try:
+                _install_fault(fault)
+                save_checkpoint(save_dir, iteration, model, optimizer, scheduler, {"consumed_samples": 4}, CONFIG)
+            finally:
+                os._exit(1)  # reached only if the fault did not fire
+        _, status = os.waitpid(pid, 0)
+        (workdir / fault / "status").write_text(str(status))
 
-    assert _read_latest(tmp_path) == "1"
-    model2, optimizer2, scheduler2 = _setup(seed=3)
-    assert load_checkpoint(tmp_path, model2, optimizer2, scheduler2) == {"consumed_samples": 2, "iteration": 1}
-    _assert_same(expected, _full_state(model2, optimizer2))
-    save_checkpoint(tmp_path, 2, model, optimizer, scheduler, {"consumed_samples": 4}, CONFIG)
-    assert _read_latest(tmp_path) == "2"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001", "iter_0000002", LATEST_FILE]
-    assert load_checkpoint(tmp_path, model2, iteration=1)["consumed_samples"] == 2
+
+@pytest.fixture(scope="module")
+def faulted_saves(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One worker process runs every fault (one interpreter start instead of one per fault)."""
+    workdir = tmp_path_factory.mktemp("faults")
+    result = subprocess.run(
+        [sys.executable, __file__, "fault", str(workdir)], env=_cpu_env(), capture_output=True, text=True, timeout=180
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return workdir
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_kill_during_save_keeps_previous_checkpoint(faulted_saves: Path, fault: str) -> None:
+    status = int((faulted_saves / fault / "status").read_text())
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"child wait status {status}"
+    save_dir = faulted_saves / fault / "ckpt"
+    assert _read_latest(save_dir) == "1"
+    model, optimizer, scheduler = _setup(seed=3)
+    assert load_checkpoint(save_dir, model, optimizer, scheduler) == {"consumed_samples": 2, "iteration": 1}
+    _assert_same(torch.load(faulted_saves / fault / "expected.pt", weights_only=True), _full_state(model, optimizer))
+    save_checkpoint(save_dir, 2, model, optimizer, scheduler, {"consumed_samples": 4}, CONFIG)
+    assert _read_latest(save_dir) == "2"
+    assert sorted(p.name for p in save_dir.iterdir()) == ["iter_0000001", "iter_0000002", LATEST_FILE]
+    assert load_checkpoint(save_dir, model, iteration=1)["consumed_samples"] == 2
 
 
 # ---- FSDP2 on 2 processes <-> 1 process -------------------------------------------------------
@@ -279,15 +299,17 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path: Path, fault: str) 
 def _fsdp_worker(rank: int, world_size: int, port: int, workdir: Path) -> None:
     """Save an FSDP2 run to workdir/fsdp, and load workdir/single into a fresh FSDP2 model."""
     import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    mesh = init_device_mesh("cpu", (world_size,))
 
     def sharded(seed: int) -> tuple[Qwen3ForCausalLM, torch.optim.AdamW, Any]:
         model, _, _ = _setup(seed)
         for layer in model.model.layers.values():
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
         return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (step + 1))
 
@@ -307,6 +329,11 @@ def _fsdp_worker(rank: int, world_size: int, port: int, workdir: Path) -> None:
     dist.destroy_process_group()
 
 
+def _cpu_env() -> dict[str, str]:
+    """Environment of CPU-only worker processes (also on machines with accelerators)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "QWEN3_PRETRAIN_DEVICE": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -320,11 +347,10 @@ def test_fsdp2_two_processes_and_single_process_load_each_other(tmp_path: Path) 
     single_expected = {**_full_state(model, optimizer), "scheduler": scheduler.state_dict()}
 
     port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "QWEN3_PRETRAIN_DEVICE": "cpu"}
     workers = [
         subprocess.Popen(
-            [sys.executable, __file__, str(rank), "2", str(port), str(tmp_path)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [sys.executable, __file__, "fsdp", str(rank), "2", str(port), str(tmp_path)],
+            env=_cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for rank in range(2)
     ]
@@ -345,8 +371,11 @@ def test_fsdp2_two_processes_and_single_process_load_each_other(tmp_path: Path) 
 
 
 def _main(argv: list[str]) -> None:
-    """Subprocess entry of one FSDP2 rank: `RANK WORLD_SIZE PORT WORKDIR`."""
-    _fsdp_worker(int(argv[0]), int(argv[1]), int(argv[2]), Path(argv[3]))
+    """Subprocess entry: `fault WORKDIR` or `fsdp RANK WORLD_SIZE PORT WORKDIR`."""
+    if argv[0] == "fault":
+        _fault_worker(Path(argv[1]))
+    else:
+        _fsdp_worker(int(argv[1]), int(argv[2]), int(argv[3]), Path(argv[4]))
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # gloo + FSDP2 may abort at interpreter exit after correct results (DESIGN.md)
