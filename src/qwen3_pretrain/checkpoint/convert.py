@@ -20,6 +20,7 @@ import torch
 
 from qwen3_pretrain.checkpoint.hf import HFCheckpointError, iter_hf_tensors, save_hf_state_dict
 from qwen3_pretrain.checkpoint.mcore import (
+    CONVERTED_ITERATION,
     HF_CONFIG_SUBDIR,
     McoreCheckpointError,
     McoreLayout,
@@ -112,6 +113,7 @@ def _mg_to_mg(args: argparse.Namespace, dtype: torch.dtype | None, progress: Pro
     )
     print(f"mg -> mg: {args.load_dir} -> {args.save_dir} (TP={layout.tp}, PP={layout.pp})", file=sys.stderr)
     side_files = hf_side_files(source) if source is not None else []
+    iteration = iteration or CONVERTED_ITERATION  # a "release" checkpoint (iteration 0) would not load in Megatron
     return write_mcore_checkpoint(
         _cast(tensors, dtype), config, args.save_dir, layout, iteration, side_files, progress
     )

@@ -11,9 +11,10 @@ pipeline stage. The HF <-> mcore mapping is the table `PARAMS`: each entry names
 mcore tensor they become, how they are packed and which dimension is split across TP ranks.
 
 Both directions stream: HF -> mcore holds at most one pipeline stage's shards (written as soon as the
-stage is complete) and mcore -> HF maps one stage's files at a time (`torch.load(mmap=True)`), so no
-conversion ever holds two copies of the model. Every .pt is read with `weights_only=True` and an
-allowlist of the classes Megatron stores (`load_pt`).
+stage is complete); mcore -> HF holds one stage's shards (copied out of `torch.load(mmap=True)` one
+file at a time) and frees each as soon as it is merged, so no conversion holds two copies of the
+model. Every .pt is read with `weights_only=True` and an allowlist of the classes Megatron stores
+(`load_pt`).
 """
 
 from __future__ import annotations
@@ -238,7 +239,8 @@ class ParamSpec:
     """One mcore tensor: its name, the HF tensors it packs (name, shape), the packing and the TP dim.
 
     Layer entries use suffixes under `decoder.layers.{i}.` / `model.layers.{i}.`; `stage` says where the
-    others live ("first": first pipeline stage, "last": last stage).
+    others live ("first": first pipeline stage, "last": last stage). `pads_vocab`: rows are the
+    vocabulary, padded to a multiple of TP.
     """
 
     mcore: str
@@ -246,14 +248,14 @@ class ParamSpec:
     packing: Packing = SINGLE
     tp_dim: int | None = None
     stage: str = "layer"
-
-    @property
-    def pads_vocab(self) -> bool:
-        return self.hf[0][1] is _vocab_rows
+    pads_vocab: bool = False
 
 
 PARAMS: tuple[ParamSpec, ...] = (
-    ParamSpec("embedding.word_embeddings.weight", (("model.embed_tokens.weight", _vocab_rows),), tp_dim=0, stage="first"),
+    ParamSpec(
+        "embedding.word_embeddings.weight", (("model.embed_tokens.weight", _vocab_rows),), tp_dim=0, stage="first",
+        pads_vocab=True,
+    ),
     ParamSpec("input_layernorm.weight", (("input_layernorm.weight", _hidden),)),
     ParamSpec(
         "self_attention.linear_qkv.weight",
@@ -268,12 +270,11 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("mlp.linear_fc1.weight", (("mlp.gate_proj.weight", _ffn_rows), ("mlp.up_proj.weight", _ffn_rows)), GATE_UP, tp_dim=0),
     ParamSpec("mlp.linear_fc2.weight", (("mlp.down_proj.weight", _ffn_cols),), tp_dim=1),
     ParamSpec("decoder.final_layernorm.weight", (("model.norm.weight", _hidden),), stage="last"),
-    ParamSpec("output_layer.weight", (("lm_head.weight", _vocab_rows),), tp_dim=0, stage="last"),
+    ParamSpec("output_layer.weight", (("lm_head.weight", _vocab_rows),), tp_dim=0, stage="last", pads_vocab=True),
 )
 LAYER_PARAMS = tuple(p for p in PARAMS if p.stage == "layer")
 EMBEDDING, FINAL_NORM, OUTPUT_LAYER = (p for p in PARAMS if p.stage != "layer")
 _HF_IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")  # buffers in old HF files
-_HF_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)$")
 _MCORE_LAYER_KEY = re.compile(r"decoder\.layers\.(\d+)\.(.+)$")
 
 
@@ -318,7 +319,6 @@ def rank_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
     return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
 
 
-
 @dataclass(frozen=True)
 class McoreLayout:
     """TP size and the layer count of every pipeline stage."""
@@ -334,9 +334,6 @@ class McoreLayout:
         """Global layer indices of one stage."""
         start = sum(self.stage_layers[:stage])
         return range(start, start + self.stage_layers[stage])
-
-    def stage_of(self, layer: int) -> int:
-        return next(p for p in range(self.pp) if layer in self.stage_range(p))
 
     @classmethod
     def build(cls, config: Qwen3Config, tp: int, pp: int, num_layer_list: str | Sequence[int] | None = None) -> McoreLayout:
@@ -392,7 +389,7 @@ def megatron_args(config: Qwen3Config, layout: McoreLayout, dtype: torch.dtype) 
         position_embedding_type="rope",
         add_position_embedding=False,
         use_rotary_position_embeddings=True,
-        rotary_base=config.rope_theta,
+        rotary_base=int(config.rope_theta) if float(config.rope_theta).is_integer() else config.rope_theta,
         rotary_percent=1.0,
         normalization="RMSNorm",
         norm_epsilon=config.rms_norm_eps,
@@ -445,6 +442,7 @@ def config_from_args(args: argparse.Namespace, dtype: torch.dtype, source: Path)
         "rms_norm_eps": getattr(args, "norm_epsilon", None) or getattr(args, "layernorm_epsilon", None),
     }
     values.update({k: v for k, v in optional.items() if v is not None})
+    values["rope_theta"] = float(values.get("rope_theta", Qwen3Config.rope_theta))
     try:
         return Qwen3Config(**values)
     except ConfigError as exc:
@@ -514,17 +512,14 @@ def _stage_entries(config: Qwen3Config, layout: McoreLayout) -> list[list[_Entry
     return stages
 
 
-def _hf_shapes(config: Qwen3Config) -> dict[str, tuple[int, ...]]:
-    """Every HF tensor name the config implies -> its shape."""
-    shapes = {}
-    for spec in PARAMS:
-        for name, shape in spec.hf:
-            if spec.stage != "layer":
-                shapes[name] = shape(config)
-            else:
-                shapes.update({_hf_layer_key(i, name): shape(config) for i in range(config.num_hidden_layers)})
-    if config.tie_word_embeddings:
-        del shapes[OUTPUT_LAYER.hf[0][0]]
+def hf_tensor_shapes(config: Qwen3Config) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor name the config implies (no lm_head.weight when tied) -> its shape, in HF order."""
+    shapes = {name: shape(config) for name, shape in EMBEDDING.hf}
+    for layer in range(config.num_hidden_layers):
+        shapes.update({_hf_layer_key(layer, name): shape(config) for spec in LAYER_PARAMS for name, shape in spec.hf})
+    shapes.update({name: shape(config) for name, shape in FINAL_NORM.hf})
+    if not config.tie_word_embeddings:
+        shapes.update({name: shape(config) for name, shape in OUTPUT_LAYER.hf})
     return shapes
 
 
@@ -545,7 +540,7 @@ def write_mcore_checkpoint(
     `<save_dir>/hf_config/` for the way back. Returns `save_dir`.
     """
     save_dir = Path(save_dir)
-    shapes = _hf_shapes(config)
+    shapes = hf_tensor_shapes(config)
     stages = _stage_entries(config, layout)
     remaining = [len(entries) for entries in stages]
     shards: list[dict[str, list[torch.Tensor]]] = [{} for _ in stages]
@@ -747,12 +742,15 @@ def is_mcore_checkpoint(path: str | os.PathLike[str]) -> bool:
 
 
 def _chunk_state(checkpoint: McoreCheckpoint, tp_rank: int, pp_rank: int, model_key: str) -> tuple[Path, dict[str, Any]]:
+    """One rank's model chunk, copied out of the file's memory map so the mapping (and the optimizer
+    state of training checkpoints, never touched) is released before the next file is read."""
     path = checkpoint.file(tp_rank, pp_rank)
-    loaded = load_pt(path)
-    state = loaded.get(model_key)
+    state = load_pt(path).get(model_key)
     if not isinstance(state, dict):
         raise McoreCheckpointError(f"{path} has no {model_key!r} state dict; every rank must hold the same model chunks")
-    return path, {k: v for k, v in state.items() if not k.endswith("_extra_state")}
+    return path, {
+        k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items() if not k.endswith("_extra_state")
+    }
 
 
 def _chunk_layers(path: Path, state: dict[str, Any]) -> int:
@@ -776,9 +774,9 @@ def _validate_keys(path: Path, state: dict[str, Any], expected: list[str]) -> No
 
 
 def _iter_merged(checkpoint: McoreCheckpoint, config: Qwen3Config, progress: ProgressFn | None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Stream full HF tensors, one model chunk (all its TP files) at a time."""
+    """Stream full HF tensors, one model chunk (all its TP files) at a time; shards are freed once merged."""
     chunks = [(v, p, key) for v, key in enumerate(checkpoint.model_keys) for p in range(checkpoint.pp)]
-    hf_shapes = _hf_shapes(config)
+    hf_shapes = hf_tensor_shapes(config)
     offset = done = 0
     for index, (_, pp_rank, model_key) in enumerate(chunks):
         loaded = [_chunk_state(checkpoint, t, pp_rank, model_key) for t in range(checkpoint.tp)]
@@ -798,7 +796,7 @@ def _iter_merged(checkpoint: McoreCheckpoint, config: Qwen3Config, progress: Pro
             _validate_keys(rank_path, {k: v for k, v in rank_state.items() if k not in optional}, expected)
         for key, spec, prefix in plan:
             names = [(prefix or "") + name for name, _ in spec.hf]
-            for name, tensor in zip(names, merge_param(spec, [s[key] for _, s in loaded], config)):
+            for name, tensor in zip(names, merge_param(spec, [s.pop(key) for _, s in loaded], config)):
                 if tuple(tensor.shape) != hf_shapes.get(name):
                     raise McoreCheckpointError(
                         f"{path}: {key} merges to {name} of shape {tuple(tensor.shape)}, but the config implies "
