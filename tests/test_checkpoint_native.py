@@ -195,6 +195,9 @@ def test_clear_errors(tmp_path: Path) -> None:
         load_checkpoint(tmp_path, model)
     with pytest.raises(TypeError, match=r"config.model.bad = <object"):
         save_checkpoint(tmp_path, 2, model, None, None, {}, {"model": {"bad": object()}})
+    with pytest.raises(TypeError, match="train state or LR scheduler state holds a type that cannot be loaded safely"):
+        save_checkpoint(tmp_path, 2, model, None, None, {"consumed_samples": np.int64(4)}, CONFIG)
+    assert not (tmp_path / "iter_0000002").exists() and not (tmp_path / ".iter_0000002.incomplete").exists()
 
 
 def test_detect_checkpoint_format(tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ def _trained_checkpoint(tmp_path: Path, tied: bool, tokenizer: Path | None = Non
     tokens = torch.randint(0, config.vocab_size, (2, 9))  # [b, s + 1]
     model(tokens[:, :-1], labels=tokens[:, 1:]).loss.backward()
     optimizer.step()
-    run_config = {"model": dataclasses.asdict(config), "data": {"tokenizer_name_or_path": str(tokenizer)}}
+    run_config = {"model": dataclasses.asdict(config), "flags": {"tokenizer-name-or-path": str(tokenizer)}}
     save_dir = tmp_path / "ckpt"
     save_checkpoint(save_dir, 1, model, optimizer, None, {}, run_config)
     return model.eval(), save_dir

@@ -30,7 +30,7 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
 )
-TOKENIZER_CONFIG_KEY = "tokenizer_name_or_path"
+TOKENIZER_CONFIG_KEYS = ("tokenizer_name_or_path", "tokenizer-name-or-path")  # field / flag spelling
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -82,7 +82,7 @@ def _tokenizer_source(tokenizer_dir: str | os.PathLike[str] | None, saved_config
         if not any((path / name).is_file() for name in TOKENIZER_FILES):
             raise CheckpointError(f"--tokenizer-dir {path} holds none of the tokenizer files {TOKENIZER_FILES}")
         return path
-    recorded = _find_key(saved_config, TOKENIZER_CONFIG_KEY)
+    recorded = _find_key(saved_config, TOKENIZER_CONFIG_KEYS)
     if recorded and any((Path(recorded) / name).is_file() for name in TOKENIZER_FILES):
         return Path(recorded)
     where = f"the recorded tokenizer {recorded!r} is not a local tokenizer directory" if recorded else "no tokenizer is recorded"
@@ -90,13 +90,14 @@ def _tokenizer_source(tokenizer_dir: str | os.PathLike[str] | None, saved_config
     return None
 
 
-def _find_key(tree: Any, key: str) -> str | None:
-    """The first string value stored under `key` anywhere in nested dicts."""
+def _find_key(tree: Any, keys: tuple[str, ...]) -> str | None:
+    """The first string value stored under one of `keys` anywhere in nested dicts."""
     if isinstance(tree, dict):
-        if isinstance(tree.get(key), str):
-            return tree[key]
+        for key in keys:
+            if isinstance(tree.get(key), str):
+                return tree[key]
         for value in tree.values():
-            found = _find_key(value, key)
+            found = _find_key(value, keys)
             if found:
                 return found
     return None

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import io
 import os
 import random
 import re
@@ -206,6 +207,20 @@ def _config_yaml(config: Mapping[str, Any]) -> str:
     return yaml.safe_dump(_plain(config, "config"), sort_keys=False)
 
 
+def _safe_pickle(state: dict[str, Any]) -> bytes:
+    """`torch.save` bytes of `state`, checked to load with weights_only=True (else TypeError, before any write)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    try:
+        torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    except Exception as exc:
+        raise TypeError(
+            f"the train state or LR scheduler state holds a type that cannot be loaded safely ({exc}); "
+            "store plain Python numbers, strings, lists, dicts or tensors"
+        ) from exc
+    return buffer.getvalue()
+
+
 def _capture_rng() -> dict[str, Any]:
     """This process's RNG states as types `torch.load(weights_only=True)` accepts."""
     numpy_state = np.random.get_state(legacy=False)
@@ -316,7 +331,7 @@ def save_checkpoint(
         state = {MODEL_KEY: model_state, OPTIMIZER_KEY: optimizer_state}
     else:
         state = {MODEL_KEY: get_model_state_dict(model)}
-    meta = {
+    meta_bytes = _safe_pickle({
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "iteration": iteration,
@@ -324,7 +339,7 @@ def save_checkpoint(
         "optimizer": optimizer_status,
         "train_state": dict(train_state),
         "lr_scheduler": None if lr_scheduler is None else lr_scheduler.state_dict(),
-    }
+    })
 
     _on_rank0(lambda: _prepare_staging(save_dir, staging))
     rng_state = _capture_rng()
@@ -333,7 +348,7 @@ def save_checkpoint(
         dcp.save(state, checkpoint_id=staging)
 
     def commit() -> None:
-        _write_durably(staging / TRAIN_STATE_FILE, lambda f: torch.save(meta, f))
+        _write_durably(staging / TRAIN_STATE_FILE, lambda f: f.write(meta_bytes))
         _write_durably(staging / CONFIG_FILE, lambda f: f.write(config_text.encode()))
         replace_directory(staging, final)
         _write_latest(save_dir, iteration)
