@@ -96,7 +96,11 @@ def _worker(out_dir: Path) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from qwen3_pretrain.distributed.pipeline import sync_tied_embedding_grads, tied_embedding_group
+    from qwen3_pretrain.distributed.pipeline import (
+        broadcast_tied_embedding,
+        sync_tied_embedding_grads,
+        tied_embedding_group,
+    )
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -107,6 +111,9 @@ def _worker(out_dir: Path) -> None:
         stages = split_into_stages(model, rank, PP, case.num_layer_list, case.virtual_stages)
         del model
         tied_group = tied_embedding_group(stages, mesh)
+        if stages[-1].holds_tied_head_copy():  # as after materialising a meta model: the copy is garbage
+            torch.nn.init.zeros_(stages[-1].lm_head.weight)
+        broadcast_tied_embedding(stages, tied_group)
         pipeline = build_pipeline_schedule(stages, mesh, MICROBATCHES, schedule=case.schedule)
         optimizer = torch.optim.SGD([p for stage in stages for p in stage.parameters()], lr=0.5)
         input_ids, labels = _batches(stages[0].config.vocab_size)

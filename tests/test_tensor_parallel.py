@@ -63,11 +63,15 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+def _placements(tensor: torch.Tensor) -> str:
+    return str(getattr(tensor, "placements", None))
+
+
 def _train(model: Qwen3ForCausalLM, loss_context: Any) -> dict[str, Any]:
     """STEPS steps of SGD with gradient clipping; the losses, grad norms and first-step gradients."""
     input_ids, labels = _batches(model.config.vocab_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    losses, norms, grads, logits_shape = [], [], {}, []
+    losses, norms, grads, logits_shape, placements_differ = [], [], {}, [], []
     for step in range(STEPS):
         with loss_context():
             output = model(input_ids[step], labels=labels[step])
@@ -75,12 +79,19 @@ def _train(model: Qwen3ForCausalLM, loss_context: Any) -> dict[str, Any]:
         losses.append(_full(output.loss).detach())
         if step == 0:
             grads = {name: _full(p.grad).clone() for name, p in model.named_parameters()}
+            placements_differ = [name for name, p in model.named_parameters() if _placements(p.grad) != _placements(p)]
             local_logits = output.logits.to_local() if hasattr(output.logits, "to_local") else output.logits
             logits_shape = list(local_logits.shape)
         norms.append(clip_grad_norm_([model], max_norm=1.0))
         optimizer.step()
         optimizer.zero_grad()
-    return {"losses": torch.stack(losses), "grad_norms": torch.stack(norms), "grads": grads, "logits_shape": logits_shape}
+    return {
+        "losses": torch.stack(losses),
+        "grad_norms": torch.stack(norms),
+        "grads": grads,
+        "logits_shape": logits_shape,
+        "grad_placements_differ": placements_differ,
+    }
 
 
 # ---- worker (run by torchrun) ------------------------------------------------------------------
@@ -162,6 +173,7 @@ def test_tensor_parallel_matches_single_process(
     assert bool((expected["grad_norms"] > 1.0).all())  # clipping was active in every step
 
     assert result["all_params_dtensor"]
+    assert result["grad_placements_differ"] == []  # no Partial norm grads, no full-vocab embedding grad left behind
     assert result["head_is_embedding"] == case.tied
     assert result["head_placements"] == "(Shard(dim=0),)"  # vocab-parallel LM head (and embedding when tied)
     vocab = get_preset("qwen3-tiny").vocab_size

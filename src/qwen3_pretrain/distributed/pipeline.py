@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
-from torch.distributed.pipelining.schedules import _PipelineSchedule
+from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
@@ -44,7 +44,7 @@ SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved_1f1b": S
 
 def virtual_pipeline_stages(num_layers: int, pp_size: int, num_layers_per_virtual_stage: int) -> int:
     """Stages per rank for `--num-layers-per-virtual-pipeline-stage` (Megatron's interleaving flag)."""
-    if num_layers_per_virtual_stage < 1 or num_layers % (pp_size * num_layers_per_virtual_stage):
+    if pp_size < 1 or num_layers_per_virtual_stage < 1 or num_layers % (pp_size * num_layers_per_virtual_stage):
         raise ValueError(
             f"{VIRTUAL_FLAG} {num_layers_per_virtual_stage} x {PP_FLAG} {pp_size} must divide the model's "
             f"{num_layers} layers; pick sizes whose product divides it"
@@ -123,7 +123,8 @@ def split_into_stages(
 ) -> list[PipelineStageModule]:
     """This pp rank's stages (copies; drop `model` afterwards), in execution order.
 
-    Splitting a materialised tied model initialises the last stage's lm_head copy from the
+    Split first, then apply tensor parallelism, recompute and FSDP to each stage, materialise, and
+    build the schedule. Splitting a materialised tied model initialises the last stage's lm_head copy from the
     embedding; after materialising or loading stages cut from a meta model, call
     `broadcast_tied_embedding` instead.
     """
@@ -224,15 +225,18 @@ class PipelineSchedule:
     """A pipeline schedule over this rank's stages; `step` runs one training step's forward and backward."""
 
     stages: list[PipelineStage]
-    schedule: _PipelineSchedule
+    schedule: PipelineScheduleSingle | PipelineScheduleMulti
     loss_fn: TokenMeanLoss
     group: dist.ProcessGroup
 
     def step(self, input_ids: torch.Tensor, labels: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
         """Forward + backward of a batch [b, s] split into the micro batches; returns the mean loss on every pp rank.
 
-        `num_tokens` defaults to the labels that are not -100 in this batch. The loss is computed
-        inside `loss_parallel()`, so vocab-sharded (tensor-parallel) logits work too.
+        Every pp rank passes the same batch (the first stage reads input_ids, the last labels).
+        `num_tokens` (the divisor of the summed token losses) defaults to the labels that are not
+        -100 in this batch; with data parallel, whose gradient reduction averages over dp ranks, pass
+        the dp-global count / dp size to get the global token mean. The loss is computed inside
+        `loss_parallel()`, so vocab-sharded (tensor-parallel) logits work too.
         """
         counted = int((labels != IGNORE_INDEX).sum()) if num_tokens is None else num_tokens
         if counted < 1:
@@ -246,8 +250,10 @@ class PipelineSchedule:
                 self.schedule.step(input_ids, target=labels, losses=losses, return_outputs=False)
             else:
                 self.schedule.step(target=labels, losses=losses, return_outputs=False)
-        device = self.stages[0].device
-        total = torch.stack([_local(loss).detach() for loss in losses]).sum() if has_last else torch.zeros((), device=device)
+        if has_last:
+            total = torch.stack([_local(loss).detach() for loss in losses]).sum()
+        else:
+            total = torch.zeros((), device=self.stages[0].device)
         last_rank = dist.get_global_rank(self.group, dist.get_world_size(self.group) - 1)
         dist.broadcast(total, src=last_rank, group=self.group)
         return total

@@ -5,15 +5,19 @@ Plan per decoder block (Megatron's split, written with `torch.distributed.tensor
 - q/k/v, gate/up: column-wise (each rank owns whole heads / a slice of the FFN);
   o/down: row-wise (partial sums reduced on the way out).
 - q_norm/k_norm: one weight shared by all heads while every rank sees only its heads. The weight is
-  made a replicated DTensor and its input a DTensor sharded on the head dim, so autograd all-reduces
-  its gradient over TP. (Left as a plain tensor it would silently get the gradient of local heads only.)
+  made a replicated DTensor and its input a DTensor sharded on the head dim, so its gradient is a
+  sum over TP ranks, carried out when the gradient is accumulated (`_grad_to_param_placements`).
+  (Left as a plain tensor it would silently get the gradient of the local heads only.)
 - embed_tokens: vocab-parallel (row-wise on the vocab dim, replicated token ids in);
   lm_head: column-wise on the vocab dim. With `loss_parallel` the logits stay sharded on the vocab
   dim (a DTensor) and the cross entropy runs on the shards inside `vocab_parallel_loss()`.
 - Tied embeddings: embed_tokens and lm_head end up as the same DTensor Parameter (both Shard(0)).
 - Sequence parallel: the residual stream between blocks, the layer norms and the final norm are
   sharded on the sequence dim; attention and MLP inputs are all-gathered, their outputs
-  reduce-scattered.
+  reduce-scattered. Pipeline stages exchange their local sequence shard.
+- Every parameter becomes a DTensor on the TP mesh (norms replicated), and every gradient ends
+  with its parameter's placements, so gradient clipping, pipeline sync and optimizers see
+  ordinary sharded/replicated gradients.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
@@ -113,7 +118,9 @@ def _block_plan(sequence_parallel: bool) -> dict[str, ParallelStyle]:
             desired_input_layouts=(Replicate(), None, None),
             use_local_output=True,
         ),
-        "mlp": PrepareModuleInput(input_layouts=(_SEQUENCE,), desired_input_layouts=(Replicate(),), use_local_output=True),
+        "mlp": PrepareModuleInput(
+            input_layouts=(_SEQUENCE,), desired_input_layouts=(Replicate(),), use_local_output=True
+        ),
         "self_attn.o_proj": RowwiseParallel(output_layouts=_SEQUENCE, use_local_output=False),
         "mlp.down_proj": RowwiseParallel(output_layouts=_SEQUENCE, use_local_output=False),
     })
@@ -121,7 +128,7 @@ def _block_plan(sequence_parallel: bool) -> dict[str, ParallelStyle]:
 
 
 def _outer_plan(model: nn.Module, sequence_parallel: bool, loss_parallel: bool) -> dict[str, ParallelStyle]:
-    """Parallel styles for the embedding, final norm, LM head and pipeline-stage boundaries present on `model`."""
+    """Parallel styles for the embedding, final norm and LM head, those present on `model` (or stage)."""
     embed, norm, head = model.model.embed_tokens, model.model.norm, model.lm_head
     residual = _SEQUENCE if sequence_parallel else Replicate()
     plan: dict[str, ParallelStyle] = {}
@@ -171,6 +178,23 @@ def apply_tensor_parallel(
         parallelize_module(block, tp_mesh, block_plan)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
+    for param in model.parameters():
+        param.register_post_accumulate_grad_hook(_grad_to_param_placements)
+
+
+def _grad_to_param_placements(param: torch.Tensor) -> None:
+    """Give a gradient its parameter's placements as soon as it is accumulated.
+
+    DTensor autograd leaves the q_norm/k_norm (and sequence-parallel norm) gradients Partial, i.e.
+    still to be summed over TP, and the vocab-parallel embedding's gradient Replicate (full vocab).
+    Anything reading local gradient shards (gradient sync across pipeline stages, a data-parallel
+    all-reduce, a custom optimizer) would silently use wrong values; here the Partial ones are
+    all-reduced and the full embedding gradient is cut to this rank's vocab shard. (FSDP2 replaces
+    the parameters, so these hooks only act without it; FSDP2 does the same redistribution itself.)
+    """
+    grad = param.grad
+    if isinstance(grad, DTensor) and grad.placements != param.placements:
+        param.grad = grad.redistribute(param.device_mesh, param.placements)
 
 
 def _tied_embeddings(model: nn.Module) -> bool:
