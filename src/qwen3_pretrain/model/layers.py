@@ -1,15 +1,17 @@
 """Qwen3 building blocks with HF transformers' numerics: RMSNorm, rotary embedding, attention, MLP.
 
 No parallel code here. Head counts are inferred from projection widths (`view(b, s, -1, head_dim)`),
-so tensor parallelism can shard heads from outside without touching these modules.
+so tensor parallelism can shard heads from outside without touching these modules. The math of the
+norms, RoPE, SwiGLU and attention goes through `model.kernels`, which picks the device's fused
+kernels. `DecoderLayer.forward` compiles with `torch.compile(fullgraph=True)` (no graph breaks).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from qwen3_pretrain.model import kernels
 from qwen3_pretrain.model.config import Qwen3Config
 
 
@@ -22,9 +24,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        return kernels.rms_norm(x, self.weight, self.eps)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
@@ -64,18 +64,6 @@ class RotaryEmbedding(nn.Module):
         return f"head_dim={self.head_dim}, theta={self.theta}"
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) -> (-x2, x1) over the two halves of the last dimension."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [b, s, heads, head_dim] by cos/sin [b, s, head_dim]."""
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [b, s, 1, head_dim]
-    return x * cos + rotate_half(x) * sin
-
-
 class Attention(nn.Module):
     """Causal grouped-query attention with per-head RMSNorm on q and k before RoPE."""
 
@@ -95,12 +83,9 @@ class Attention(nn.Module):
         q = self.q_norm(self.q_proj(x).view(b, s, -1, self.head_dim))  # [b, s, heads, head_dim]
         k = self.k_norm(self.k_proj(x).view(b, s, -1, self.head_dim))  # [b, s, kv_heads, head_dim]
         v = self.v_proj(x).view(b, s, -1, self.head_dim)  # [b, s, kv_heads, head_dim]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [b, (kv_)heads, s, head_dim]
-            is_causal=True, scale=self.head_dim**-0.5, enable_gqa=q.shape[2] != k.shape[2],
-        )  # [b, heads, s, head_dim]
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))  # [b, s, heads * head_dim] -> [b, s, hidden]
+        q, k = kernels.apply_rotary(q, cos, sin), kernels.apply_rotary(k, cos, sin)
+        out = kernels.attention(q, k, v, scale=self.head_dim**-0.5)  # [b, s, heads, head_dim]
+        return self.o_proj(out.reshape(b, s, -1))  # [b, s, heads * head_dim] -> [b, s, hidden]
 
 
 class MLP(nn.Module):
@@ -113,7 +98,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

@@ -1,0 +1,141 @@
+"""The device kernels of a Qwen3 block behind one dispatch point: rms_norm, apply_rotary, swiglu, attention.
+
+Backends, chosen once per process at import from `distributed.device.device_type()`:
+
+- ``"torch"`` (CPU, CUDA): the reference PyTorch math with HF transformers' numerics. Attention is
+  `F.scaled_dot_product_attention`, which picks the flash / memory-efficient / math kernel itself.
+- ``"npu"`` (Ascend, when torch_npu imports): torch_npu's fused kernels `npu_rms_norm`,
+  `npu_rotary_mul`, `npu_swiglu` and `npu_fusion_attention`. DTensor inputs (tensor parallel) take
+  the reference path, because those ops have no DTensor sharding rules.
+
+`select_backend(name)` overrides the choice (tests, or to rule a fused kernel out). The choice is a
+module global, so `torch.compile` traces only the selected branch and guards on it.
+
+Layout everywhere: q/k/v [batch, seq, heads, head_dim] ("BSND"); cos/sin [batch (or 1), seq, head_dim].
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+
+from qwen3_pretrain.distributed.device import device_type
+
+BACKENDS = ("torch", "npu")
+# npu_fusion_attention's causal mode (sparse_mode 2, top-left aligned; equal to 3 when q and kv have the
+# same length) takes this fixed [2048, 2048] boolean mask, True above the diagonal (= masked out).
+_NPU_CAUSAL_SPARSE_MODE = 2
+_NPU_CAUSAL_MASK_SIZE = 2048
+
+_backend: str = "torch"
+_torch_npu: ModuleType | None = None
+_npu_causal_masks: dict[torch.device, torch.Tensor] = {}
+
+
+def select_backend(name: str | None = None) -> str:
+    """Use kernel backend `name` ('torch' or 'npu') from now on; None picks from the device. Returns it."""
+    global _backend, _torch_npu
+    if name is None:
+        name = "npu" if device_type() == "npu" else "torch"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; use one of {', '.join(BACKENDS)}")
+    _torch_npu = importlib.import_module("torch_npu") if name == "npu" else None
+    _backend = name
+    _npu_causal_masks.clear()
+    return name
+
+
+def active_backend() -> str:
+    """The kernel backend in use: 'torch' or 'npu'."""
+    return _backend
+
+
+def _npu_for(*tensors: torch.Tensor) -> ModuleType | None:
+    """torch_npu when the npu backend is active and no input is a DTensor, else None (reference path)."""
+    if _torch_npu is None or any(isinstance(t, DTensor) for t in tensors):
+        return None
+    return _torch_npu
+
+
+# ---- RMSNorm -------------------------------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * (x / rms(x)) over the last dim; the rms in float32, cast back to x's dtype before scaling.
+
+    On NPU the weight is cast to x's dtype first (npu_rms_norm needs equal dtypes), so the output
+    has x's dtype; the reference path returns the promoted dtype of weight and x, as HF does.
+    """
+    npu = _npu_for(x, weight)
+    if npu is not None:
+        return npu.npu_rms_norm(x, weight.to(x.dtype), epsilon=eps)[0]
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+# ---- rotary embedding ----------------------------------------------------------------------------
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the two halves of the last dimension (NeoX-style RoPE)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin for x [b, s, heads, head_dim] and cos/sin [b, s, head_dim]."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [b, s, 1, head_dim]
+    npu = _npu_for(x, cos, sin)
+    if npu is not None:  # npu_rotary_mul's default "half" mode is rotate_half; BSND x takes BS1D / 1S1D tables
+        return npu.npu_rotary_mul(x, cos.to(x.dtype), sin.to(x.dtype))
+    return x * cos + rotate_half(x) * sin
+
+
+# ---- SwiGLU --------------------------------------------------------------------------------------
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up."""
+    npu = _npu_for(gate, up)
+    if npu is not None:  # npu_swiglu(x) = silu(first half of x) * second half
+        return npu.npu_swiglu(torch.cat((gate, up), dim=-1), dim=-1)  # [..., 2 * ffn] -> [..., ffn]
+    return F.silu(gate) * up
+
+
+# ---- attention -----------------------------------------------------------------------------------
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal grouped-query attention without dropout: q [b, s, heads, d], k/v [b, s, kv_heads, d] -> [b, s, heads, d].
+
+    heads must be a multiple of kv_heads; each group of heads / kv_heads query heads shares one kv head.
+    """
+    npu = _npu_for(q, k, v)
+    if npu is not None:
+        return npu.npu_fusion_attention(
+            q, k, v, q.shape[2], "BSND",
+            atten_mask=_npu_causal_mask(q.device), scale=scale, keep_prob=1.0, sparse_mode=_NPU_CAUSAL_SPARSE_MODE,
+        )[0]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [b, (kv_)heads, s, d]
+        is_causal=True, scale=scale, enable_gqa=q.shape[2] != k.shape[2],
+    )  # [b, heads, s, d]
+    return out.transpose(1, 2)  # [b, s, heads, d]
+
+
+def _npu_causal_mask(device: torch.device) -> torch.Tensor:
+    """The compressed causal mask npu_fusion_attention expects in sparse mode 2, one per device."""
+    mask = _npu_causal_masks.get(device)
+    if mask is None:
+        size = _NPU_CAUSAL_MASK_SIZE
+        mask = torch.ones(size, size, dtype=torch.bool, device=device).triu(diagonal=1)  # [2048, 2048]
+        _npu_causal_masks[device] = mask
+    return mask
+
+
+select_backend()
