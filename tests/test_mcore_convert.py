@@ -136,11 +136,12 @@ def check_layout_on_disk(root: Path, config: Qwen3Config, tp: int, stage_layers:
             assert saved["checkpoint_version"] == 3.0 and saved["iteration"] == 1
             args = saved["args"]
             assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (tp, pp)
-            assert (args.num_layers, args.hidden_size, args.ffn_hidden_size) == (4, 32, 64)
-            assert (args.num_attention_heads, args.num_query_groups, args.kv_channels) == (8, 4, 8)
+            assert (args.num_layers, args.hidden_size, args.ffn_hidden_size) == (c.num_hidden_layers, c.hidden_size, c.intermediate_size)
+            assert (args.num_attention_heads, args.num_query_groups, args.kv_channels) == (c.num_attention_heads, c.num_key_value_heads, c.head_dim)
             assert args.group_query_attention and args.qk_layernorm and args.swiglu and not args.add_bias_linear
             assert args.padded_vocab_size == vocab and args.untie_embeddings_and_output_weights == (not c.tie_word_embeddings)
-            assert (args.rotary_base, args.norm_epsilon, args.position_embedding_type, args.normalization) == (5e5, 1e-5, "rope", "RMSNorm")
+            assert (args.rotary_base, args.norm_epsilon) == (c.rope_theta, c.rms_norm_eps)
+            assert (args.position_embedding_type, args.normalization) == ("rope", "RMSNorm")
             assert list(saved["model"]) == expected_stage_keys(stage_layers, p, c.tie_word_embeddings)
             for key, tensor in saved["model"].items():
                 shape = next(s for suffix, s in shapes.items() if key.endswith(suffix))

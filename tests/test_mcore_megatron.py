@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import random
+import signal
 import socket
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.optimizer import OptimizerConfig
 from megatron.core.rerun_state_machine import RerunMode
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.enums import AttnBackend
@@ -183,6 +185,7 @@ def megatron_training_args(config: Qwen3Config, pp: int) -> argparse.Namespace:
         swiglu=True, untie_embeddings_and_output_weights=not config.tie_word_embeddings,
         tensor_model_parallel_size=1, pipeline_model_parallel_size=pp, params_dtype=torch.float32,
         model_type=ModelType.encoder_or_decoder, attention_backend=AttnBackend.auto, save=Path("/ckpt"),
+        exit_signal=signal.SIGTERM,
     )
 
 
@@ -199,7 +202,8 @@ def save_like_megatron(stages: list[GPTModel], config: Qwen3Config, directory: P
             "checkpoint_version": 3.0,
             "iteration": iteration,
             "model": stage.state_dict(),  # includes Megatron's `_extra_state` entries
-            "optimizer": {"optimizer": optimizer.state_dict(), "fp32_from_fp16_params": []},
+            "optimizer": {"optimizer": optimizer.state_dict(), "fp32_from_fp16_params": [],
+                          "config": OptimizerConfig(lr=1e-4, weight_decay=0.1)},
             "opt_param_scheduler": {"max_lr": 1e-4, "num_steps": iteration},
             "rng_state": [{
                 "random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
@@ -225,6 +229,9 @@ def test_megatron_saved_checkpoint_converts_to_hf_with_megatron_logits(megatron_
         with torch.no_grad():
             stages[-1].output_layer.weight.copy_(stages[0].embedding.word_embeddings.weight)
     save_like_megatron(stages, config, tmp_path / "mg", iteration=7)
+    loaded = load_pt(tmp_path / "mg" / "iter_0000007" / ("mp_rank_00" if len(stages) == 1 else "mp_rank_00_000") / MODEL_FILE)
+    assert loaded["args"].model_type.value == ModelType.encoder_or_decoder.value  # stand-ins, megatron not needed
+    assert loaded["args"].exit_signal == signal.SIGTERM and loaded["optimizer"]["config"].lr == 1e-4
     convert("--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", tmp_path / "mg", "--save-dir", tmp_path / "hf")
 
     converted = Qwen3Config.from_pretrained(tmp_path / "hf")
