@@ -1,0 +1,89 @@
+"""Two processes (gloo on loopback) give the losses of one process with the same global batch: FSDP2
+sharded and replicated, with and without gradient accumulation, tensor parallel, and the
+`--nproc-per-node` launcher. fp32, qwen3-tiny, loss tokens masked at document ends (so micro
+batches hold different numbers of loss tokens)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from qwen3_pretrain.cli import main
+from qwen3_pretrain.config import parse_train_args
+from qwen3_pretrain.train.trainer import run_training
+from test_train_loop import GBS, one_thread, tiny_flags, write_tiny_dataset  # noqa: F401  (fixture)
+
+WORLD = 2
+ITERS = 3
+CASES: dict[str, dict[str, Any]] = {
+    "fsdp, no accumulation": {"micro_batch_size": GBS // WORLD},
+    "fsdp, 2 accumulation steps": {"micro_batch_size": GBS // (2 * WORLD)},
+    "replicated, 2 accumulation steps": {"micro_batch_size": GBS // (2 * WORLD), "no_shard": True},
+    "tensor parallel 2, sequence parallel": {"tensor_model_parallel_size": 2, "sequence_parallel": True},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, data: str, out: str) -> None:
+    """One rank: join the group, run every case, write rank 0's losses, leave per the gloo trap."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    losses = {name: run_training(parse_train_args(tiny_flags(data, train_iters=ITERS, **flags), world_size=WORLD)).losses
+              for name, flags in CASES.items()}
+    if rank == 0:
+        Path(out).write_text(json.dumps(losses))
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[float]]:
+    """The dataset and the single-process losses (micro batch 2: 4 accumulation steps)."""
+    data = write_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny_text_document")
+    return data, run_training(parse_train_args(tiny_flags(data, train_iters=ITERS))).losses
+
+
+def _assert_close(ours: list[float], reference: list[float], what: str) -> None:
+    assert len(ours) == ITERS, what
+    for i, (a, b) in enumerate(zip(ours, reference)):
+        assert abs(a - b) <= 1e-5 * abs(b), f"{what}, iteration {i + 1}: {a} vs one process {b}"
+
+
+def test_two_processes_equal_one(setup: tuple[str, list[float]], tmp_path: Path) -> None:
+    data, reference = setup
+    out = tmp_path / "losses.json"
+    mp.spawn(_worker, args=(_free_port(), data, str(out)), nprocs=WORLD, join=True)
+    losses = json.loads(out.read_text())
+    for name in CASES:
+        _assert_close(losses[name], reference, name)
+
+
+def test_nproc_per_node_launches_torchrun(setup: tuple[str, list[float]], tmp_path: Path,
+                                         capfd: pytest.CaptureFixture[str]) -> None:
+    data, reference = setup
+    flags = tiny_flags(data, train_iters=ITERS, log_interval=1, save=tmp_path / "ckpt", eval_iters=0)
+    assert main(["train", "--nproc-per-node", str(WORLD), *flags]) == 0
+    out = capfd.readouterr().out
+    assert "DP 2" in out and "FSDP2 sharded" in out
+    records = [json.loads(line) for line in (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()]
+    _assert_close([r["lm_loss"] for r in records], reference, "torchrun")
+    assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == str(ITERS)
