@@ -1,0 +1,222 @@
+"""model/kernels.py: the reference path equals HF transformers' Qwen3 math, the npu backend calls torch_npu's
+fused kernels with the right layouts (a fake torch_npu records the calls), and a decoder block compiles
+without graph breaks."""
+
+from __future__ import annotations
+
+import math
+import sys
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.qwen3 import modeling_qwen3 as hf
+
+from qwen3_pretrain.model import Qwen3Config, kernels
+from qwen3_pretrain.model.layers import DecoderLayer, RotaryEmbedding
+
+B, S, HEADS, KV_HEADS, D = 2, 11, 4, 2, 16
+
+
+def _config() -> Qwen3Config:
+    return Qwen3Config(
+        vocab_size=64, hidden_size=48, intermediate_size=40, num_hidden_layers=1, num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS, head_dim=D, max_position_embeddings=64, rope_theta=10_000.0,
+        tie_word_embeddings=False, torch_dtype="float32", bos_token_id=0, eos_token_id=1,
+    )
+
+
+def _randn(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def _cos_sin(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    positions = torch.stack((torch.arange(S), torch.arange(S) * 3 + 2))  # [b, s]
+    return RotaryEmbedding(D, 10_000.0)(positions, dtype)  # [b, s, d] each
+
+
+@pytest.fixture
+def restore_backend() -> Iterator[None]:
+    before = kernels.active_backend()
+    yield
+    kernels.select_backend(before)
+
+
+# ---- the reference path is HF's math ---------------------------------------------------------------
+
+
+def test_cpu_process_uses_the_reference_backend() -> None:
+    assert kernels.active_backend() == "torch"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_is_hf_rms_norm(dtype: torch.dtype) -> None:
+    x = _randn(B, S, 48, dtype=dtype) * 3
+    norm = hf.Qwen3RMSNorm(48, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * _randn(48, seed=1))
+        assert torch.equal(kernels.rms_norm(x, norm.weight, 1e-6), norm(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_is_hf_rotary(dtype: torch.dtype) -> None:
+    q, k = _randn(B, S, HEADS, D, dtype=dtype), _randn(B, S, KV_HEADS, D, dtype=dtype, seed=1)
+    cos, sin = _cos_sin(dtype)
+    hf_q, hf_k = hf.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # HF: [b, heads, s, d]
+    assert torch.equal(kernels.apply_rotary(q, cos, sin), hf_q.transpose(1, 2))
+    assert torch.equal(kernels.apply_rotary(k, cos, sin), hf_k.transpose(1, 2))
+
+
+def test_swiglu_is_hf_mlp_activation() -> None:
+    gate, up = _randn(B, S, 40), _randn(B, S, 40, seed=1)
+    act = hf.ACT2FN["silu"]
+    assert torch.equal(kernels.swiglu(gate, up), act(gate) * up)
+
+
+@pytest.mark.parametrize("kv_heads", [HEADS, KV_HEADS, 1])
+def test_attention_is_hf_causal_gqa_attention(kv_heads: int) -> None:
+    q = _randn(B, S, HEADS, D)
+    k, v = _randn(B, S, kv_heads, D, seed=1), _randn(B, S, kv_heads, D, seed=2)
+    module = types.SimpleNamespace(num_key_value_groups=HEADS // kv_heads, training=False)
+    causal = torch.full((S, S), float("-inf")).triu(1)  # [s, s] additive mask
+    expected, _ = hf.eager_attention_forward(
+        module, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, scaling=D**-0.5
+    )  # [b, s, heads, d]
+    got = kernels.attention(q, k, v, scale=D**-0.5)
+    assert got.shape == (B, S, HEADS, D)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    # Causal: the first position sees only itself.
+    torch.testing.assert_close(got[:, 0], v[:, 0].repeat_interleave(HEADS // kv_heads, dim=1), rtol=1e-6, atol=1e-6)
+
+
+# ---- the npu backend, with a fake torch_npu ---------------------------------------------------------
+
+
+class FakeTorchNpu(types.ModuleType):
+    """Implements the four torch_npu kernels from their documented semantics and records every call."""
+
+    def __init__(self) -> None:
+        super().__init__("torch_npu")
+        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+
+    def npu_rms_norm(self, x: torch.Tensor, gamma: torch.Tensor, epsilon: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+        self.calls.append(("npu_rms_norm", (x, gamma), {"epsilon": epsilon}))
+        assert gamma.dtype == x.dtype, "npu_rms_norm needs gamma in x's dtype"
+        rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + epsilon)
+        return gamma * (x.float() * rstd).to(x.dtype), rstd
+
+    def npu_rotary_mul(self, x: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
+        self.calls.append(("npu_rotary_mul", (x, r1, r2), {}))
+        x1, x2 = torch.chunk(x, 2, -1)
+        return r1 * x + r2 * torch.cat((-x2, x1), dim=-1)
+
+    def npu_swiglu(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        self.calls.append(("npu_swiglu", (x,), {"dim": dim}))
+        a, b = torch.chunk(x, 2, dim=dim)
+        return a * torch.sigmoid(a) * b
+
+    def npu_fusion_attention(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, head_num: int, input_layout: str, **kwargs: Any
+    ) -> tuple[Any, ...]:
+        self.calls.append(("npu_fusion_attention", (query, key, value, head_num, input_layout), kwargs))
+        assert input_layout == "BSND" and kwargs["sparse_mode"] == 2
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [b, n, s, d]
+        groups = head_num // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        s = q.shape[2]
+        mask = kwargs["atten_mask"][:s, :s]  # sparse_mode 2: the 2048 x 2048 mask's top-left corner
+        scores = (q @ k.transpose(-1, -2) * kwargs["scale"]).masked_fill(mask, float("-inf"))
+        out = (scores.softmax(-1) @ v).transpose(1, 2)  # [b, s, n, d]
+        return out, None, None, None, 0, 0, 0
+
+    def names(self) -> list[str]:
+        return [name for name, _, _ in self.calls]
+
+
+@pytest.fixture
+def fake_npu(monkeypatch: pytest.MonkeyPatch, restore_backend: None) -> FakeTorchNpu:
+    fake = FakeTorchNpu()
+    monkeypatch.setitem(sys.modules, "torch_npu", fake)
+    monkeypatch.setattr(kernels, "device_type", lambda: "npu")
+    assert kernels.select_backend() == "npu"  # picked from the device, importing (the fake) torch_npu
+    return fake
+
+
+def test_select_backend_follows_the_device(monkeypatch: pytest.MonkeyPatch, restore_backend: None) -> None:
+    monkeypatch.setattr(kernels, "device_type", lambda: "cuda")
+    assert kernels.select_backend() == "torch"
+    with pytest.raises(ValueError, match="unknown kernel backend 'triton'; use one of torch, npu"):
+        kernels.select_backend("triton")
+    assert kernels.active_backend() == "torch"
+
+
+def test_npu_kernels_get_documented_layouts(fake_npu: FakeTorchNpu) -> None:
+    x, weight = _randn(B, S, 48, dtype=torch.bfloat16), 1 + _randn(48, seed=1)  # fp32 weight, bf16 input
+    out = kernels.rms_norm(x, weight, 1e-5)
+    (_, (got_x, gamma), kwargs), = fake_npu.calls
+    assert got_x is x and gamma.dtype == torch.bfloat16 and kwargs == {"epsilon": 1e-5} and out.dtype == torch.bfloat16
+
+    q = _randn(B, S, HEADS, D)
+    cos, sin = _cos_sin(torch.float32)
+    torch.testing.assert_close(kernels.apply_rotary(q, cos, sin), q * cos[:, :, None] + kernels.rotate_half(q) * sin[:, :, None])
+    _, (_, r1, r2), _ = fake_npu.calls[-1]
+    assert r1.shape == r2.shape == (B, S, 1, D)  # BSND input takes BS1D tables
+
+    gate, up = _randn(B, S, 40), _randn(B, S, 40, seed=2)
+    torch.testing.assert_close(kernels.swiglu(gate, up), F.silu(gate) * up)
+    _, (packed,), kwargs = fake_npu.calls[-1]
+    assert torch.equal(packed, torch.cat((gate, up), -1)) and kwargs == {"dim": -1}
+
+    k, v = _randn(B, S, KV_HEADS, D, seed=3), _randn(B, S, KV_HEADS, D, seed=4)
+    got = kernels.attention(q, k, v, scale=0.25)
+    _, (got_q, got_k, got_v, head_num, layout), kwargs = fake_npu.calls[-1]
+    assert got_q is q and got_k is k and got_v is v and head_num == HEADS and layout == "BSND"
+    mask = kwargs.pop("atten_mask")
+    assert kwargs == {"scale": 0.25, "keep_prob": 1.0, "sparse_mode": 2}
+    assert mask.dtype == torch.bool and torch.equal(mask, torch.ones(2048, 2048, dtype=torch.bool).triu(1))
+    kernels.select_backend("torch")
+    torch.testing.assert_close(got, kernels.attention(q, k, v, scale=0.25), rtol=1e-5, atol=1e-6)
+
+
+def test_decoder_layer_runs_every_npu_kernel_and_matches_reference(fake_npu: FakeTorchNpu) -> None:
+    torch.manual_seed(0)
+    layer = DecoderLayer(_config())
+    x = _randn(B, S, 48, seed=5)
+    cos, sin = _cos_sin(torch.float32)
+    with torch.no_grad():
+        on_npu = layer(x, cos, sin)
+        kernels.select_backend("torch")
+        reference = layer(x, cos, sin)
+    assert fake_npu.names() == [
+        "npu_rms_norm", "npu_rms_norm", "npu_rms_norm",  # input_layernorm, q_norm, k_norm
+        "npu_rotary_mul", "npu_rotary_mul", "npu_fusion_attention",
+        "npu_rms_norm", "npu_swiglu",  # post_attention_layernorm, MLP
+    ]
+    torch.testing.assert_close(on_npu, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_npu_causal_mask_is_built_once_per_device(fake_npu: FakeTorchNpu) -> None:
+    q = _randn(1, 4, 2, 8)
+    kernels.attention(q, q, q, scale=1.0)
+    kernels.attention(q, q, q, scale=1.0)
+    first, second = (kwargs["atten_mask"] for name, _, kwargs in fake_npu.calls)
+    assert first is second
+
+
+# ---- torch.compile --------------------------------------------------------------------------------
+
+
+def test_decoder_layer_compiles_without_graph_breaks() -> None:
+    torch.manual_seed(0)
+    layer = DecoderLayer(_config())
+    x = _randn(B, S, 48, seed=5).requires_grad_()
+    cos, sin = _cos_sin(torch.float32)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)  # fullgraph: any graph break raises
+    out = compiled(x, cos, sin)
+    torch.testing.assert_close(out, layer(x, cos, sin), rtol=0, atol=0)
+    out.sum().backward()
+    assert x.grad is not None and math.isfinite(float(x.grad.sum()))
