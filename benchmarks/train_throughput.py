@@ -1,0 +1,432 @@
+"""Training throughput of our trainer against HF transformers, same model, data and device, side by side.
+
+"ours": the `Trainer` of `qwen3-pretrain train` (built from the same flags a user passes) running
+`Trainer.train_step` on one device. "hf": transformers' `Qwen3ForCausalLM` (eager, attention
+"sdpa", `use_cache=False`) + `torch.optim.AdamW` with default settings, the same gradient clipping,
+under `torch.autocast` for bf16 (ours: the trainer's bf16 policy). Both start from the same initial
+weights and read the same micro batches of random tokens (`MockGPTDataset`, written once as a
+Megatron .bin/.idx the trainer reads through `--data-path`), so their first losses agree.
+
+Each (implementation, dtype) variant runs in a fresh process so peak memory is its own:
+`max_memory_allocated` on CUDA/NPU, growth of the peak RSS on CPU. The device's dense-matmul peak
+(fp32 and bf16, a large square matmul) is measured in the same run; MFU = model TFLOP/s / that peak
+(`mfu_spec` uses the datasheet bf16 peak where the device is known). Model FLOPs per token are
+`Qwen3Config.flops_per_token`, which counts the LM-head matmul even when it is tied.
+
+    PYTHONPATH=src python benchmarks/train_throughput.py [--model qwen3-bench] [--seq-length 512]
+        [--micro-batch-size 1] [--iters 10] [--warmup 2] [--dtype fp32|bf16|both] [--compile]
+        [--recompute full|selective] [--skip-hf] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from qwen3_pretrain.data.gpt_dataset import build_gpt_datasets
+from qwen3_pretrain.data.indexed import IndexedDatasetWriter, best_dtype
+from qwen3_pretrain.data.loader import build_pretraining_loader
+from qwen3_pretrain.data.mock import MockGPTDataset
+from qwen3_pretrain.distributed.device import device_module, device_type, local_device
+from qwen3_pretrain.model.config import get_preset
+from qwen3_pretrain.model.qwen3 import IGNORE_INDEX
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+IMPLEMENTATIONS = ("ours", "hf")
+SEED = 1234
+LR, WEIGHT_DECAY, BETAS, EPS, CLIP = 1e-5, 0.1, (0.9, 0.95), 1e-8, 1.0
+PREFIX_NAME = "mock_text_document"
+
+Batch = dict[str, torch.Tensor]
+
+
+# ---- arguments -------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="qwen3-bench", help="model preset (default: qwen3-bench)")
+    parser.add_argument("--seq-length", type=int, default=512)
+    parser.add_argument("--micro-batch-size", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=10, help="timed training iterations")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations before timing")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "both"), default="both")
+    parser.add_argument("--compile", action="store_true", help="ours: torch.compile each block (HF stays eager)")
+    parser.add_argument("--recompute", choices=("full", "selective"), default=None,
+                        help="ours: --recompute-granularity; HF: gradient checkpointing")
+    parser.add_argument("--skip-hf", action="store_true", help="run only our trainer")
+    parser.add_argument("--matmul-size", type=int, default=None,
+                        help="side of the square matmul for the peak (default 8192 on accelerators, 2048 on CPU)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", default=None, help="write the results here (atomically)")
+    parser.add_argument("--worker", choices=IMPLEMENTATIONS, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--data-prefix", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for flag in ("seq_length", "micro_batch_size", "iters"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+    if args.warmup < 0:
+        raise SystemExit(f"--warmup must be >= 0, got {args.warmup}")
+    get_preset(args.model)  # ConfigError names the presets
+
+
+def num_steps(args: argparse.Namespace) -> int:
+    return args.warmup + args.iters
+
+
+# ---- data ------------------------------------------------------------------------------------------
+
+
+def write_mock_dataset(folder: Path, args: argparse.Namespace) -> str:
+    """MockGPTDataset windows as documents of a Megatron .bin/.idx, so the trainer reads them with --data-path."""
+    vocab = get_preset(args.model).vocab_size
+    samples = num_steps(args) * args.micro_batch_size
+    mock = MockGPTDataset(samples, args.seq_length, vocab, seed=SEED)
+    prefix = str(folder / PREFIX_NAME)
+    with IndexedDatasetWriter(prefix, best_dtype(vocab)) as writer:
+        for i in range(samples):
+            writer.add_document(mock.window(i))
+        writer.finalize()
+    return prefix
+
+
+def trainer_flags(args: argparse.Namespace, dtype: str) -> list[str]:
+    """The `qwen3-pretrain train` flags of this benchmark: one micro batch per step, no eval, no saves."""
+    flags = [
+        "--model", args.model, "--data-path", args.data_prefix, "--split", "100,0,0",
+        "--data-cache-path", str(Path(args.data_prefix).parent / "index-cache"),
+        "--seq-length", str(args.seq_length), "--micro-batch-size", str(args.micro_batch_size),
+        "--global-batch-size", str(args.micro_batch_size), "--train-iters", str(num_steps(args)),
+        "--lr", str(LR), "--lr-decay-style", "constant", "--weight-decay", str(WEIGHT_DECAY),
+        "--adam-beta1", str(BETAS[0]), "--adam-beta2", str(BETAS[1]), "--adam-eps", str(EPS),
+        "--clip-grad", str(CLIP), "--seed", str(SEED), "--init-method-std", "0.02",
+        "--log-interval", str(num_steps(args)), "--eval-iters", "0", "--num-workers", "0",
+    ]
+    if dtype == "bf16":
+        flags.append("--bf16")
+    if args.recompute:
+        flags += ["--recompute-granularity", args.recompute]
+    if args.compile:
+        flags.append("--compile")
+    return flags
+
+
+def micro_batches(dataset: torch.utils.data.Dataset, args: argparse.Namespace, device: torch.device) -> list[Batch]:
+    """The first warmup + iters micro batches of the training stream (pinned when the device is not the CPU)."""
+    loader = build_pretraining_loader(dataset, 0, args.micro_batch_size, dp_rank=0, dp_size=1)
+    batches = [batch for _, batch in zip(range(num_steps(args)), loader)]
+    if len(batches) < num_steps(args):
+        raise RuntimeError(f"the mock dataset holds {len(batches)} micro batches, {num_steps(args)} are needed")
+    if device.type != "cpu":
+        batches = [{key: value.pin_memory() for key, value in batch.items()} for batch in batches]
+    return batches
+
+
+# ---- the two implementations -----------------------------------------------------------------------
+
+
+def ours_step(args: argparse.Namespace, dtype: str) -> tuple[Callable[[Batch], torch.Tensor], list[Batch]]:
+    """Our Trainer, built exactly as `qwen3-pretrain train` builds it; one call = one `train_step`."""
+    from qwen3_pretrain.config import parse_train_args
+    from qwen3_pretrain.distributed.mesh import init_parallel
+    from qwen3_pretrain.train.trainer import Trainer
+
+    config = parse_train_args(trainer_flags(args, dtype), world_size=1)
+    trainer = Trainer(config, init_parallel(1, 1))
+
+    def step(batch: Batch) -> torch.Tensor:
+        pending = trainer.train_step([batch])
+        return pending.loss_sum / max(pending.tokens, 1)
+
+    return step, micro_batches(trainer.train_data, args, trainer.env.device)
+
+
+def hf_step(args: argparse.Namespace, dtype: str) -> tuple[Callable[[Batch], torch.Tensor], list[Batch]]:
+    """transformers' Qwen3ForCausalLM with our initial weights + torch AdamW: what a user would write."""
+    import transformers
+
+    from qwen3_pretrain.config import parse_train_args
+    from qwen3_pretrain.distributed.mesh import init_parallel
+    from qwen3_pretrain.train.trainer import build_model
+
+    transformers.logging.set_verbosity_error()
+    flags = trainer_flags(argparse.Namespace(**{**vars(args), "compile": False, "recompute": None}), "fp32")
+    config = parse_train_args(flags, world_size=1)
+    env = init_parallel(1, 1)
+    device = env.device
+    torch.manual_seed(SEED)
+    initial = build_model(config, env).state_dict()  # the weights our trainer starts from
+    model_config = config.require_resolved().model_config
+    hf_config = transformers.Qwen3Config(**{**model_config.to_hf_dict(), "dtype": "float32", "use_cache": False})
+    hf_config._attn_implementation = "sdpa"
+    with device:
+        model = transformers.Qwen3ForCausalLM(hf_config).to(torch.float32)
+    model.load_state_dict(initial, strict=True)
+    del initial
+    model.train()
+    if args.recompute:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+    compute = DTYPES[dtype]
+    dataset = build_gpt_datasets(
+        [args.data_prefix], "100,0,0", args.seq_length, SEED, (num_steps(args) * args.micro_batch_size, 0, 0),
+        cache_dir=config.data.data_cache_path,
+    )[0]
+
+    def step(batch: Batch) -> torch.Tensor:
+        tokens = batch["tokens"].to(device, non_blocking=True)
+        labels = batch["labels"].masked_fill(batch["loss_mask"] == 0, IGNORE_INDEX).to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=compute, enabled=compute != torch.float32):
+            loss = model(input_ids=tokens, labels=labels, shift_labels=labels).loss  # labels already aligned
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step, micro_batches(dataset, args, device)
+
+
+# ---- measuring -------------------------------------------------------------------------------------
+
+
+def synchronize() -> None:
+    device_module().synchronize()
+
+
+def matmul_peak_tflops(dtype: torch.dtype, size: int, trial_seconds: float = 0.25, trials: int = 3) -> float:
+    """Best dense TFLOP/s of `size x size` matmuls in `dtype` on the chosen device."""
+    device = local_device()
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
+    out = torch.empty_like(a)
+    torch.mm(a, b, out=out)
+    synchronize()
+    start = time.perf_counter()
+    torch.mm(a, b, out=out)
+    synchronize()
+    reps = max(1, int(trial_seconds / max(time.perf_counter() - start, 1e-6)))
+    best = 0.0
+    for _ in range(trials):
+        start = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b, out=out)
+        synchronize()
+        best = max(best, 2.0 * size**3 * reps / (time.perf_counter() - start) / 1e12)
+    return best
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def run_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Build one variant, run warmup + timed iterations, return its measurements."""
+    dtype = args.dtype
+    label = f"[{args.worker} {dtype}]"
+    kind = device_type()
+    rss_start = peak_rss_bytes()
+    if kind != "cpu":
+        device_module().reset_peak_memory_stats()
+    build = ours_step if args.worker == "ours" else hf_step
+    start = time.perf_counter()
+    step, batches = build(args, dtype)
+    print(f"{label} built in {time.perf_counter() - start:.1f} s; {args.warmup} warmup iterations", file=sys.stderr,
+          flush=True)
+    losses = [step(batch) for batch in batches[: args.warmup]]
+    synchronize()
+    print(f"{label} timing {args.iters} iterations", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    losses += [step(batch) for batch in batches[args.warmup:]]
+    synchronize()
+    seconds = time.perf_counter() - start
+    peak = device_module().max_memory_allocated() if kind != "cpu" else peak_rss_bytes() - rss_start
+    values = torch.stack(losses).float().tolist()
+    print(f"{label} {seconds / args.iters * 1000:.1f} ms per iteration", file=sys.stderr, flush=True)
+    return {"impl": args.worker, "dtype": dtype, "seconds": seconds, "peak_memory_bytes": int(peak), "losses": values}
+
+
+def run_variant(args: argparse.Namespace, impl: str, dtype: str, data_prefix: str) -> dict[str, Any]:
+    """Run one variant in a fresh process; its measurements, or the error it died with."""
+    with tempfile.TemporaryDirectory() as folder:
+        result = Path(folder) / "result.json"
+        command = [sys.executable, os.path.abspath(__file__), *forwarded_flags(args),
+                   "--dtype", dtype, "--worker", impl, "--data-prefix", data_prefix, "--result", str(result)]
+        code = subprocess.call(command)
+        if code != 0 or not result.is_file():
+            return {"impl": impl, "dtype": dtype, "error": f"worker exited with code {code} (its log is above)"}
+        return json.loads(result.read_text())
+
+
+def forwarded_flags(args: argparse.Namespace) -> list[str]:
+    flags = ["--model", args.model, "--seq-length", str(args.seq_length),
+             "--micro-batch-size", str(args.micro_batch_size), "--iters", str(args.iters), "--warmup", str(args.warmup)]
+    if args.compile:
+        flags.append("--compile")
+    if args.recompute:
+        flags += ["--recompute", args.recompute]
+    if args.threads:
+        flags += ["--threads", str(args.threads)]
+    return flags
+
+
+# ---- report ----------------------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    kind = device_type()
+    if kind == "cpu":
+        name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
+            else platform.processor()
+    else:
+        name = device_module().get_device_name(local_device())
+    try:
+        hf_version = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        hf_version = None
+    return {
+        "device_type": kind, "device_name": name, "torch": torch.__version__, "transformers": hf_version,
+        "python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(), "hostname": platform.node(),
+    }
+
+
+def summarize(raw: dict[str, Any], args: argparse.Namespace, peaks: dict[str, float],
+              spec_peak: float | None) -> dict[str, Any]:
+    """Add tokens/s, TFLOP/s, MFU and memory in GB to one worker's raw measurements."""
+    if "error" in raw:
+        return raw
+    config = get_preset(args.model)
+    tokens_per_s = args.iters * args.micro_batch_size * args.seq_length / raw["seconds"]
+    tflops = tokens_per_s * config.flops_per_token(args.seq_length) / 1e12
+    return {
+        **raw,
+        "ms_per_iter": raw["seconds"] / args.iters * 1000,
+        "tokens_per_s": tokens_per_s,
+        "tflops": tflops,
+        "mfu": tflops / peaks[raw["dtype"]],
+        "mfu_spec": tflops / spec_peak if spec_peak and raw["dtype"] == "bf16" else None,
+        "peak_memory_gb": raw["peak_memory_bytes"] / 1e9,
+        "first_loss": raw["losses"][0],
+        "last_loss": raw["losses"][-1],
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    m, c = report["machine"], report["config"]
+    lines = [
+        f"device: {m['device_type']} ({m['device_name']}), torch {m['torch']}, transformers {m['transformers']}, "
+        f"{m['cpu_count']} CPUs ({m['cpu_affinity']} usable, {m['torch_threads']} torch threads)",
+        f"model {c['model']} ({c['num_parameters'] / 1e6:.1f}M params, {c['flops_per_token'] / 1e9:.3f} GFLOP/token), "
+        f"seq {c['seq_length']}, micro batch {c['micro_batch_size']}, {c['iters']} timed + {c['warmup']} warmup "
+        f"iterations, compile {c['compile']}, recompute {c['recompute']}",
+        "measured matmul peak: " + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in report["peak_tflops"].items())
+        + f" (n={report['matmul_size']})"
+        + (f"; datasheet bf16 peak {report['spec_peak_tflops']:.0f} TFLOP/s" if report["spec_peak_tflops"] else ""),
+        "",
+        f"{'impl':<5} {'dtype':<5} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'MFU spec':>8} {'ms/iter':>9} "
+        f"{'peak mem GB':>11} {'first loss':>10} {'last loss':>10}",
+    ]
+    for r in report["results"]:
+        if "error" in r:
+            lines.append(f"{r['impl']:<5} {r['dtype']:<5} {r['error']}")
+            continue
+        spec = f"{100 * r['mfu_spec']:7.1f}%" if r["mfu_spec"] is not None else f"{'-':>8}"
+        lines.append(
+            f"{r['impl']:<5} {r['dtype']:<5} {r['tokens_per_s']:10.1f} {r['tflops']:8.3f} {100 * r['mfu']:5.1f}% "
+            f"{spec} {r['ms_per_iter']:9.1f} {r['peak_memory_gb']:11.2f} {r['first_loss']:10.4f} {r['last_loss']:10.4f}"
+        )
+    for dtype, ratio in report["ratios"].items():
+        lines.append(f"ours/hf tokens/s {dtype}: {ratio:.2f}x")
+    return "\n".join(lines)
+
+
+def write_json_atomic(path: str, data: dict[str, Any]) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, target)
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """Measure the matmul peaks, run every variant in its own process, and collect the report."""
+    from qwen3_pretrain.train.metrics import device_peak_tflops
+
+    kind = device_type()
+    size = args.matmul_size or (2048 if kind == "cpu" else 8192)
+    dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
+    print(f"measuring the {size}x{size} matmul peak ({', '.join(dtypes)})", file=sys.stderr, flush=True)
+    peaks = {d: matmul_peak_tflops(DTYPES[d], size) for d in dtypes}
+    spec_peak = device_peak_tflops(local_device(), torch.bfloat16)
+    impls = ["ours"] if args.skip_hf else list(IMPLEMENTATIONS)
+    config = get_preset(args.model)
+    with tempfile.TemporaryDirectory(prefix="qwen3-bench-") as folder:
+        prefix = write_mock_dataset(Path(folder), args)
+        results = [summarize(run_variant(args, impl, d, prefix), args, peaks, spec_peak) for d in dtypes for impl in impls]
+    ratios = {}
+    for d in dtypes:
+        by_impl = {r["impl"]: r for r in results if r["dtype"] == d and "error" not in r}
+        if {"ours", "hf"} <= by_impl.keys():
+            ratios[d] = by_impl["ours"]["tokens_per_s"] / by_impl["hf"]["tokens_per_s"]
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "machine": machine_info(),
+        "config": {
+            "model": args.model, "seq_length": args.seq_length, "micro_batch_size": args.micro_batch_size,
+            "iters": args.iters, "warmup": args.warmup, "compile": args.compile, "recompute": args.recompute,
+            "threads": args.threads,
+            "num_parameters": config.num_parameters(), "flops_per_token": config.flops_per_token(args.seq_length),
+        },
+        "matmul_size": size,
+        "peak_tflops": peaks,
+        "spec_peak_tflops": spec_peak,
+        "results": results,
+        "ratios": ratios,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.worker is not None:
+        write_json_atomic(args.result, run_worker(args))
+        return 0
+    report = run_benchmark(args)
+    print(format_table(report), flush=True)
+    if args.json:
+        write_json_atomic(args.json, report)
+        print(f"wrote {args.json}", flush=True)
+    return 0 if all("error" not in r for r in report["results"]) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
