@@ -8,10 +8,11 @@ weights and read the same micro batches of random tokens (`MockGPTDataset`, writ
 Megatron .bin/.idx the trainer reads through `--data-path`), so their first losses agree.
 
 Each (implementation, dtype) variant runs in a fresh process so peak memory is its own:
-`max_memory_allocated` on CUDA/NPU, growth of the peak RSS on CPU. The device's dense-matmul peak
-(fp32 and bf16, a large square matmul) is measured in the same run; MFU = model TFLOP/s / that peak
-(`mfu_spec` uses the datasheet bf16 peak where the device is known). Model FLOPs per token are
-`Qwen3Config.flops_per_token`, which counts the LM-head matmul even when it is tied.
+`max_memory_allocated` during training on CUDA/NPU, growth of the peak RSS since start-up on CPU.
+The device's dense-matmul peak (fp32 and bf16, a large square matmul) is measured in the same run;
+MFU = model TFLOP/s / that peak (`mfu_spec` uses the datasheet bf16 peak where the device is known).
+Model FLOPs per token are `Qwen3Config.flops_per_token`, which counts the LM-head matmul even when
+it is tied.
 
     PYTHONPATH=src python benchmarks/train_throughput.py [--model qwen3-bench] [--seq-length 512]
         [--micro-batch-size 1] [--iters 10] [--warmup 2] [--dtype fp32|bf16|both] [--compile]
@@ -249,11 +250,11 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     label = f"[{args.worker} {dtype}]"
     kind = device_type()
     rss_start = peak_rss_bytes()
-    if kind != "cpu":
-        device_module().reset_peak_memory_stats()
     build = ours_step if args.worker == "ours" else hf_step
     start = time.perf_counter()
     step, batches = build(args, dtype)
+    if kind != "cpu":  # training peak: weights, gradients, optimizer state, activations (not setup copies)
+        device_module().reset_peak_memory_stats()
     print(f"{label} built in {time.perf_counter() - start:.1f} s; {args.warmup} warmup iterations", file=sys.stderr,
           flush=True)
     losses = [step(batch) for batch in batches[: args.warmup]]
