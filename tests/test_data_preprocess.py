@@ -124,6 +124,14 @@ def test_parquet_tokens_without_eod(tmp_path, alpaca_parquet, qwen3_tokenizer_di
     assert sorted(os.listdir(tmp_path)) == ["plain_text_document.bin", "plain_text_document.idx"]
 
 
+def test_one_file_pair_per_json_key(tmp_path, alpaca_parquet, qwen3_tokenizer_dir, tokenizer) -> None:
+    assert run("--input", alpaca_parquet, "--tokenizer-name-or-path", qwen3_tokenizer_dir,
+               "--output-prefix", tmp_path / "multi", "--json-keys", "output", "instruction") == 0
+    for key in ("output", "instruction"):
+        expected = expected_ids(tokenizer, [r[key] for r in ROWS], eod=False)
+        assert read_docs(tmp_path / f"multi_{key}_document") == expected
+
+
 def test_two_workers_write_identical_bytes(tmp_path, eod_output, alpaca_parquet, qwen3_tokenizer_dir) -> None:
     assert run("--input", alpaca_parquet, "--tokenizer-name-or-path", qwen3_tokenizer_dir,
                "--output-prefix", tmp_path / "w2", "--append-eod", "--workers", "2", "--batch-size", "3") == 0
@@ -162,13 +170,16 @@ def test_each_format(tmp_path, format_files, qwen3_tokenizer_dir, tokenizer, nam
     assert read_docs(tmp_path / "x_text_document") == expected_ids(tokenizer, texts, eod=False)
 
 
-def test_directory_glob_and_list_inputs_read_files_in_order(tmp_path, format_files, qwen3_tokenizer_dir, tokenizer) -> None:
+def test_directory_glob_and_list_inputs_read_files_in_order(
+    tmp_path, format_files, qwen3_tokenizer_dir, tokenizer
+) -> None:
     folder = format_files["a.jsonl"].parent
     structured = [str(folder / n) for n in ("a.jsonl", "b.json", "c.csv")]
     texts = [r["text"] for r in ROWS[:20]]
     one = expected_ids(tokenizer, texts, eod=False)
     txt = expected_ids(tokenizer, [(t or "").replace("\n", " ") for t in texts], eod=False)
-    for spec, expected in ((folder, one * 3 + txt), (folder / "[abc].*", one * 3), (",".join(structured[::-1]), one * 3)):
+    cases = ((folder, one * 3 + txt), (folder / "[abc].*", one * 3), (",".join(structured[::-1]), one * 3))
+    for spec, expected in cases:
         out = tmp_path / f"run{len(os.listdir(tmp_path))}"
         assert run("--input", spec, "--tokenizer-name-or-path", qwen3_tokenizer_dir, "--output-prefix", out) == 0
         assert read_docs(Path(f"{out}_text_document")) == expected

@@ -86,7 +86,9 @@ def assert_same_samples(ours, theirs) -> None:
 )
 def test_samples_equal_megatron_core(data, tmp_path, data_path, split, sizes, flags) -> None:
     resolved = [data[p][0] if p in data else p for p in data_path]
-    ours = build_gpt_datasets(resolved, split, SEQ, 1234, tuple(sizes), cache_dir=str(tmp_path / "ours"), eod_token_id=EOD, **flags)
+    ours = build_gpt_datasets(
+        resolved, split, SEQ, 1234, tuple(sizes), cache_dir=str(tmp_path / "ours"), eod_token_id=EOD, **flags
+    )
     prefixes, weights = parse_data_path(resolved)
     theirs = megatron_datasets((prefixes, weights), split, sizes, 1234, **flags)
     for a, b in zip(ours, theirs):
@@ -122,8 +124,9 @@ def test_epochs_shuffle_and_seed(data, tmp_path) -> None:
     assert (counts == train.num_epochs).all()  # every document once per epoch
     # unshuffled windows read the concatenated document stream, consecutive windows sharing one token
     stream = stream_of(train)
+    position_of = np.argsort(np.asarray(train.shuffle_index))  # shuffled position of each unshuffled sample
     for j in range(len(train)):
-        np.testing.assert_array_equal(train.window(int(np.flatnonzero(train.shuffle_index == j)[0])), stream[j * SEQ : j * SEQ + SEQ + 1])
+        np.testing.assert_array_equal(train.window(int(position_of[j])), stream[j * SEQ : j * SEQ + SEQ + 1])
     same = build_gpt_datasets([prefix], "100,0,0", SEQ, 3, (200, 0, 0), cache_dir=str(tmp_path / "other"))[0]
     other_seed = build_gpt_datasets([prefix], "100,0,0", SEQ, 4, (200, 0, 0), cache_dir=str(tmp_path / "other"))[0]
     assert all(torch.equal(train[i]["tokens"], same[i]["tokens"]) for i in range(len(train)))
@@ -141,6 +144,11 @@ def test_index_cache_is_reused_and_keyed(data, tmp_path) -> None:
     np.testing.assert_array_equal(again.shuffle_index, first.shuffle_index)
     build_gpt_datasets([prefix], "100,0,0", SEQ, 6, (40, 0, 0))
     assert len([f for f in os.listdir(cache) if f.endswith("description.json")]) == 2
+    blend = build_gpt_datasets(["1", prefix, "2", data["b"][0]], "100,0,0", SEQ, 6, (30, 0, 0))[0]
+    assert [f for f in os.listdir(cache) if f.endswith("-blend-description.json")]
+    reloaded = build_gpt_datasets(["1", prefix, "2", data["b"][0]], "100,0,0", SEQ, 6, (30, 0, 0))[0]
+    assert isinstance(reloaded.dataset_index, np.memmap)
+    np.testing.assert_array_equal(reloaded.dataset_sample_index, blend.dataset_sample_index)
 
 
 def test_blend_follows_weights(data, tmp_path) -> None:

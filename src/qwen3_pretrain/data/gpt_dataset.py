@@ -283,6 +283,8 @@ class BlendedDataset(torch.utils.data.Dataset):
     """`size` samples drawn from several datasets in proportion to `weights` (normalised)."""
 
     def __init__(self, datasets: list[GPTDataset], weights: list[float], size: int, cache_dir: str | None) -> None:
+        if any(w <= 0 for w in weights):
+            raise DataConfigError(f"blend weights must be positive, got {weights}")
         self.datasets, self.weights, self.size = datasets, normalize(weights), size
         parameters = {
             "format": CACHE_FORMAT, "weights": self.weights, "size": size,
@@ -323,7 +325,8 @@ def build_gpt_datasets(
     """Train/valid/test datasets (None for an empty split) as Megatron builds them from the same flags.
 
     `num_samples` = samples wanted per split (train: train_iters x global_batch_size). The sample
-    indices are cached in `cache_dir`, or in an `index-cache` folder next to each dataset.
+    indices are cached in `cache_dir`, or in an `index-cache` folder next to each dataset (a blend's
+    next to its first dataset).
     """
     prefixes, weights = parse_data_path(data_path)
     bounds = parse_split(split)
@@ -338,9 +341,12 @@ def build_gpt_datasets(
                 f"the {SPLIT_NAMES[split_index]} split ({split}) of {prefixes[i]} has no documents ({count} in all); "
                 f"change --split"
             )
-        folder = cache_dir or os.path.join(os.path.dirname(os.path.abspath(prefixes[i])), "index-cache")
         documents = np.arange(begin, end, dtype=np.int32)
-        return GPTDataset(indexed[i], documents, samples, seq_length, seed, SPLIT_NAMES[split_index], folder, **options)
+        split_name = SPLIT_NAMES[split_index]
+        return GPTDataset(indexed[i], documents, samples, seq_length, seed, split_name, cache_of(i), **options)
+
+    def cache_of(i: int) -> str:
+        return cache_dir or os.path.join(os.path.dirname(os.path.abspath(prefixes[i])), "index-cache")
 
     results: list[torch.utils.data.Dataset | None] = []
     for s in range(3):
@@ -351,9 +357,9 @@ def build_gpt_datasets(
         elif weights is not None:  # Megatron: each dataset gets its share (+0.5%), the blend draws the shares
             shares = [math.ceil(num_samples[s] * w) for w in normalize(weights)]
             parts = [dataset(i, s, math.ceil(share * (1 + BLEND_SURPLUS))) for i, share in enumerate(shares)]
-            results.append(BlendedDataset(parts, normalize(weights), sum(shares), cache_dir))
+            results.append(BlendedDataset(parts, normalize(weights), sum(shares), cache_of(0)))
         else:  # unweighted prefixes: one epoch of each, blended by their sizes
             parts = [dataset(i, s, None) for i in range(len(prefixes))]
             sizes = [len(p) for p in parts]
-            results.append(BlendedDataset(parts, sizes, min(num_samples[s], sum(sizes)), cache_dir))
+            results.append(BlendedDataset(parts, sizes, min(num_samples[s], sum(sizes)), cache_of(0)))
     return results[0], results[1], results[2]

@@ -117,7 +117,8 @@ def build_handler(
     if name in ("", "GeneralPretrainHandler"):
         if map_keys:
             raise DataInputError(
-                "--map-keys applies to the Alpaca handlers; with GeneralPretrainHandler name the columns with --json-keys"
+                "--map-keys applies to the Alpaca handlers; "
+                "with GeneralPretrainHandler name the columns with --json-keys"
             )
         return GeneralPretrainHandler(json_keys)
     if name == "AlpacaPretrainHandler":

@@ -80,7 +80,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="qwen3-pretrain data", description=__doc__.split("\n")[0])
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     info = actions.add_parser("info", help="documents, tokens, dtype, length histogram and a size check")
-    info.add_argument("prefixes", nargs="+", metavar="PREFIX", help="dataset prefix (PREFIX.bin/.idx; a .bin/.idx path works too)")
+    info.add_argument("prefixes", nargs="+", metavar="PREFIX", help="dataset prefix (PREFIX.bin/.idx, or either path)")
     args = parser.parse_args(argv)
     status = 0
     for prefix in args.prefixes:

@@ -97,7 +97,8 @@ def read_batches(
     elif _is_json_array(path):
         yield from _record_batches(path, _json_array_records(path), required, optional, batch_size)
     else:
-        yield from _record_batches(path, _json_line_records(path, stats, skip_bad_lines), required, optional, batch_size)
+        records = _json_line_records(path, stats, skip_bad_lines)
+        yield from _record_batches(path, records, required, optional, batch_size)
 
 
 def _missing_column_error(path: str, missing: list[str], present: list[str]) -> DataInputError:

@@ -145,7 +145,10 @@ def _tasks(files: list[str], handler: Any, args: argparse.Namespace, counters: C
             path, handler.required, handler.optional, args.batch_size, counters.read, args.skip_bad_lines
         )
         for batch in batches:
-            texts = handler.texts(batch)
+            try:
+                texts = handler.texts(batch)
+            except DataInputError as exc:
+                raise DataInputError(f"{path}: {exc}") from exc
             for key_index, key in enumerate(handler.output_keys):
                 documents = [t for t in texts[key] if t]
                 counters.empty += len(texts[key]) - len(documents)
@@ -185,7 +188,8 @@ def preprocess(args: argparse.Namespace) -> Counters:
     with ExitStack() as stack:
         writers = [stack.enter_context(IndexedDatasetWriter(prefix, dtype)) for prefix in prefixes]
         tasks = _tasks(files, handler, args, counters)
-        for key_index, tokens, lengths, text_bytes in ordered_map(_tokenize_task, tasks, args.workers, TokenEncoder(tokenizer, eod)):
+        results = ordered_map(_tokenize_task, tasks, args.workers, TokenEncoder(tokenizer, eod))
+        for key_index, tokens, lengths, text_bytes in results:
             if args.seq_length is not None:  # MindSpeed drops documents of seq_length tokens or more
                 keep = lengths < args.seq_length
                 counters.dropped += int(len(lengths) - keep.sum())
@@ -213,31 +217,41 @@ def preprocess(args: argparse.Namespace) -> Counters:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qwen3-pretrain preprocess",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Tokenize text (parquet, jsonl, json, csv, txt) into Megatron .bin/.idx files; "
         "the flags are MindSpeed-LLM preprocess_data.py's.",
     )
     data = parser.add_argument_group("input data")
-    data.add_argument("--input", required=True, help="a file, a directory, a glob, or several of these comma-separated")
+    data.add_argument("--input", required=True, help="a file, a directory, a glob, or several comma-separated")
+    data.add_argument("--handler-name", default="GeneralPretrainHandler", help=f"one of {', '.join(HANDLERS)}")
+    data.add_argument("--json-keys", nargs="+", default=["text"], help="columns to tokenize, one output per key")
     data.add_argument(
-        "--handler-name", default="GeneralPretrainHandler", help=f"one of {', '.join(HANDLERS)} (default: %(default)s)"
+        "--map-keys", type=json.loads, default=None,
+        help='Alpaca handlers: JSON {"prompt": column, "query": column, "response": column}',
     )
-    data.add_argument("--json-keys", nargs="+", default=["text"], help="columns to tokenize, one output per key (default: text)")
-    data.add_argument("--map-keys", type=json.loads, default=None, help='Alpaca handlers: JSON {"prompt": col, "query": col, "response": col}')
-    data.add_argument("--skip-bad-lines", action="store_true", help="skip (and count) JSONL/text lines that are not valid UTF-8/JSON instead of failing")
-    data.add_argument("--batch-size", type=int, default=1000, help="documents per tokenization task (default: %(default)s)")
+    data.add_argument(
+        "--skip-bad-lines", action="store_true",
+        help="skip (and count) JSONL/text lines that are not valid UTF-8 or JSON, instead of failing",
+    )
+    data.add_argument("--batch-size", type=int, default=1000, help="documents per tokenization task")
     tok = parser.add_argument_group("tokenizer")
-    tok.add_argument("--tokenizer-name-or-path", required=True, help="HF tokenizer directory (the one that ships with the weights)")
-    tok.add_argument("--tokenizer-type", default="PretrainedFromHF", choices=["PretrainedFromHF"], help="accepted for compatibility")
+    tok.add_argument("--tokenizer-name-or-path", required=True, help="HF tokenizer directory (ships with the weights)")
+    tok.add_argument("--tokenizer-type", default="PretrainedFromHF", choices=["PretrainedFromHF"])
     tok.add_argument("--append-eod", action="store_true", help="append the tokenizer's eos token to each document")
-    tok.add_argument("--seq-length", type=int, default=None, help="drop documents of this many tokens or more (as MindSpeed does)")
-    tok.add_argument("--token-dtype", default="auto", choices=["auto", "uint16", "int32"], help="token dtype of the .bin (auto: uint16 below 65500 tokens, else int32)")
+    tok.add_argument("--seq-length", type=int, default=None, help="drop documents of this many tokens or more")
+    tok.add_argument(
+        "--token-dtype", default="auto", choices=["auto", "uint16", "int32"],
+        help="token dtype of the .bin (auto: uint16 for vocabularies below 65500, else int32)",
+    )
     out = parser.add_argument_group("output data")
     out.add_argument("--output-prefix", required=True, help="files are {prefix}_{key}_document.bin/.idx")
-    out.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: %(default)s)")
-    out.add_argument("--log-interval", type=int, default=100, help="documents between progress lines (default: %(default)s)")
+    out.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    out.add_argument("--log-interval", type=int, default=100, help="documents between progress lines")
     ignored = ("--streaming", "--overwrite-cache", "--tokenizer-not-use-fast")
-    ignored_values = ("--dataset-impl", "--n-subs", "--cache-dir", "--prompt-type", "--prompt-type-path", "--seed",
-                      "--make-vocab-size-divisible-by", "--pad-vocab-size-to")
+    ignored_values = (
+        "--dataset-impl", "--n-subs", "--cache-dir", "--prompt-type", "--prompt-type-path", "--seed",
+        "--make-vocab-size-divisible-by", "--pad-vocab-size-to",
+    )
     compat = parser.add_argument_group(
         "MindSpeed compatibility",
         f"accepted and ignored (input always streams, no cache, the chat template comes from the tokenizer): "
@@ -253,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject flag values we cannot honour, naming the flag."""
-    for flag, value in (("--workers", args.workers), ("--log-interval", args.log_interval), ("--batch-size", args.batch_size)):
+    for flag in ("--workers", "--log-interval", "--batch-size"):
+        value = getattr(args, flag[2:].replace("-", "_"))
         if value < 1:
             parser.error(f"{flag} must be at least 1, got {value}")
     if args.seq_length is not None and args.seq_length < 1:
