@@ -11,6 +11,12 @@ Build big models on the meta device and materialise them explicitly:
 A pipeline splitter may set `model.embed_tokens`, `model.norm` or `lm_head` to None and delete entries
 of `model.layers` (keyed "0".."L-1", so surviving layers keep their HF names); the forward skips what
 is absent.
+
+Training asks for the loss only, `model(input_ids, labels, return_logits=False, loss_reduction="sum")`:
+then the LM head and cross entropy run fused over chunks of `model.loss_chunk_tokens` tokens
+(`model.loss.chunked_lm_head_loss`) and the [tokens, vocab] logits never exist whole. Set
+`model.loss_chunk_tokens = None` to use the plain logits path (tensor parallelism with
+`loss_parallel` does; a DTensor head weight falls back to it by itself).
 """
 
 from __future__ import annotations
@@ -22,8 +28,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from qwen3_pretrain.checkpoint.hf import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -33,29 +39,21 @@ from qwen3_pretrain.checkpoint.hf import (
 )
 from qwen3_pretrain.model.config import Qwen3Config
 from qwen3_pretrain.model.layers import DecoderLayer, RMSNorm, RotaryEmbedding
+# IGNORE_INDEX is also imported from here (trainer, pipeline).
+from qwen3_pretrain.model.loss import IGNORE_INDEX, LossReduction, causal_lm_loss, chunked_lm_head_loss
 
-IGNORE_INDEX = -100
+# Tokens per chunk of the fused LM head + cross entropy: a chunk's float32 logits take
+# 4 x 1024 x 151,936 bytes = 0.6 GB for the real vocabulary, instead of 2.5 GB per 4096 tokens.
+DEFAULT_LOSS_CHUNK_TOKENS = 1024
 LM_HEAD_KEY = "lm_head.weight"
 EMBED_KEY = "model.embed_tokens.weight"
 
 
 class CausalLMOutput(NamedTuple):
-    """Logits [b, s, vocab] in the model dtype and, when labels were given, the float32 mean loss."""
+    """Logits [b, s, vocab] in the model dtype (None when not asked for) and, with labels, the float32 loss."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     loss: torch.Tensor | None = None
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean float32 cross-entropy of logits [b, s, vocab] against ALREADY ALIGNED labels [b, s].
-
-    labels[:, t] is the target of position t (Megatron convention: the data pipeline yields
-    tokens = w[:-1], labels = w[1:]); entries equal to -100 are ignored. HF's `labels=input_ids`
-    corresponds to `labels = cat(input_ids[:, 1:], -100)` here. All-ignored labels give NaN.
-    """
-    return F.cross_entropy(
-        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX  # [b * s, vocab], [b * s]
-    )
 
 
 class Qwen3Model(nn.Module):
@@ -83,11 +81,13 @@ class Qwen3ForCausalLM(nn.Module):
     """Qwen3 decoder + LM head; `state_dict()` keys equal HF's (plus `lm_head.weight` when tied).
 
     Construction on a real device initialises weights with `init_weights()`; on meta it does not.
+    `loss_chunk_tokens` (int or None) selects how a loss-only forward computes the loss; see `forward`.
     """
 
     def __init__(self, config: Qwen3Config) -> None:
         super().__init__()
         self.config = config
+        self.loss_chunk_tokens: int | None = DEFAULT_LOSS_CHUNK_TOKENS
         self.model = Qwen3Model(config)
         self.lm_head: nn.Linear | None = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
@@ -125,20 +125,45 @@ class Qwen3ForCausalLM(nn.Module):
         input_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        return_logits: bool = True,
+        loss_reduction: LossReduction = "mean",
     ) -> CausalLMOutput | torch.Tensor:
-        """Token ids [b, s] -> CausalLMOutput(logits [b, s, vocab], loss).
+        """Token ids [b, s] -> CausalLMOutput(logits [b, s, vocab] or None, loss or None).
 
         DECISION: `labels` are already aligned to positions (labels[:, t] is the target of position t,
         -100 ignored), the Megatron convention our data pipeline produces; see `causal_lm_loss`.
+        `loss_reduction` is "mean" over the non-ignored labels or "sum" (for a trainer that divides
+        by the token count of the whole global batch).
+
+        With labels and `return_logits=False` the output has no logits, and when `loss_chunk_tokens`
+        is an int and the head weight a plain tensor (also inside an FSDP2 forward, which gathers it)
+        the loss comes from the chunked fused LM head + cross entropy: same loss and gradients, the
+        logits of at most `loss_chunk_tokens` tokens alive at a time. That path reads
+        `lm_head.weight` directly, so hooks on `lm_head` itself do not run. Otherwise the full logits
+        are computed (the path for a vocab-sharded DTensor head under `loss_parallel`).
+
         A pipeline stage without `lm_head` returns its hidden states [b, s, hidden] instead, and one
         without `model.embed_tokens` takes hidden states in place of `input_ids`.
         """
+        if not return_logits and labels is None:
+            raise ValueError("forward(return_logits=False) needs labels: without them there is nothing to return")
         hidden = self.model(input_ids, position_ids)
         if self.lm_head is None:
             return hidden
+        if labels is not None and not return_logits and self._fused_loss_applies(hidden):
+            loss = chunked_lm_head_loss(hidden, self.lm_head.weight, labels, self.loss_chunk_tokens, loss_reduction)
+            return CausalLMOutput(None, loss)
         logits = self.lm_head(hidden)  # [b, s, vocab]
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return CausalLMOutput(logits, loss)
+        loss = causal_lm_loss(logits, labels, loss_reduction) if labels is not None else None
+        return CausalLMOutput(logits if return_logits else None, loss)
+
+    def _fused_loss_applies(self, hidden: torch.Tensor) -> bool:
+        """True when the chunked LM head + loss is selected and can run on these (plain) tensors."""
+        return (
+            self.loss_chunk_tokens is not None
+            and not isinstance(hidden, DTensor)
+            and not isinstance(self.lm_head.weight, DTensor)
+        )
 
     @torch.no_grad()
     def generate(
