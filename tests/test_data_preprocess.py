@@ -94,6 +94,14 @@ def expected_ids(tokenizer, texts, eod: bool) -> list[list[int]]:
     return [tokenizer(t)["input_ids"] + ([tokenizer.eos_token_id] if eod else []) for t in texts if t]
 
 
+def run_failing(capsys, out_dir: Path, *args: str | Path) -> str:
+    """Run a preprocess that must fail; return its error message and check no file was left."""
+    out_dir.mkdir(exist_ok=True)
+    assert run(*args, "--output-prefix", out_dir / "out") == 1
+    assert os.listdir(out_dir) == []
+    return capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def eod_output(tmp_path_factory, alpaca_parquet, qwen3_tokenizer_dir) -> Path:
     out = tmp_path_factory.mktemp("eod") / "alpaca"
@@ -119,6 +127,7 @@ def test_parquet_tokens_without_eod(tmp_path, alpaca_parquet, qwen3_tokenizer_di
     out = capsys.readouterr().out
     empty = sum(1 for t in texts if not t)
     assert f"done: {len(texts) - empty} documents" in out and f"skipped {empty} empty" in out
+    assert "engine tiktoken" in out  # the parity above holds for the fast engine
     progress = re.findall(r"^processed (\d+) documents, \d+ tokens \(.* MB/s\)$", out, re.M)
     assert len(progress) >= 3 and progress == sorted(progress, key=int)
     assert sorted(os.listdir(tmp_path)) == ["plain_text_document.bin", "plain_text_document.idx"]
@@ -137,6 +146,41 @@ def test_two_workers_write_identical_bytes(tmp_path, eod_output, alpaca_parquet,
                "--output-prefix", tmp_path / "w2", "--append-eod", "--workers", "2", "--batch-size", "3") == 0
     for suffix in (".bin", ".idx"):
         assert (tmp_path / f"w2_text_document{suffix}").read_bytes() == Path(f"{eod_output}{suffix}").read_bytes()
+
+
+def test_reference_engine_writes_identical_bytes(tmp_path, eod_output, alpaca_parquet, qwen3_tokenizer_dir) -> None:
+    assert run("--input", alpaca_parquet, "--tokenizer-name-or-path", qwen3_tokenizer_dir,
+               "--output-prefix", tmp_path / "ref", "--append-eod", "--tokenizer-engine", "tokenizers") == 0
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"ref_text_document{suffix}").read_bytes() == Path(f"{eod_output}{suffix}").read_bytes()
+
+
+def test_engine_disagreement_is_caught(tmp_path, alpaca_parquet, qwen3_tokenizer_dir, monkeypatch, capsys) -> None:
+    from qwen3_pretrain.data.tiktoken_bpe import TiktokenBPE
+
+    real = TiktokenBPE.encode_batch
+    monkeypatch.setattr(TiktokenBPE, "encode_batch", lambda self, texts, threads=1: [i[:-1] for i in real(self, texts)])
+    err = run_failing(capsys, tmp_path / "out", "--input", alpaca_parquet, "--tokenizer-name-or-path", qwen3_tokenizer_dir)
+    assert "the tiktoken engine and the HF tokenizer disagree" in err and "--tokenizer-engine tokenizers" in err
+
+
+def test_small_vocabulary_tokenizer_uses_uint16_and_hf_engine(tmp_path, capsys) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", "</s>", "hello", "world", "你好", "!", ","]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tiny = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>")
+    tiny.save_pretrained(tmp_path / "tiny")
+    jsonl = tmp_path / "in.jsonl"
+    texts = ["hello world !", "你好 , world", "unknown words here", ""]
+    jsonl.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
+    assert run("--input", jsonl, "--tokenizer-name-or-path", tmp_path / "tiny", "--output-prefix", tmp_path / "o",
+               "--append-eod") == 0
+    assert "engine tokenizers (no tiktoken: model type WordLevel)" in capsys.readouterr().out
+    assert IndexedDataset(tmp_path / "o_text_document").dtype == np.uint16
+    assert read_docs(tmp_path / "o_text_document") == [[2, 3, 5, 1], [4, 6, 3, 1], [0, 0, 0, 1]]
 
 
 def write_formats(folder: Path, rows: list[dict]) -> dict[str, Path]:
@@ -227,14 +271,6 @@ def test_instruction_handler_uses_chat_template(tmp_path, alpaca_parquet, qwen3_
     docs = read_docs(tmp_path / "chat_text_document")
     assert docs == expected_ids(chat_tokenizer, texts, eod=False)
     assert docs[0][0] == chat_tokenizer.convert_tokens_to_ids("<|im_start|>")
-
-
-def run_failing(capsys, out_dir: Path, *args: str | Path) -> str:
-    """Run a preprocess that must fail; return its error message and check no file was left."""
-    out_dir.mkdir(exist_ok=True)
-    assert run(*args, "--output-prefix", out_dir / "out") == 1
-    assert os.listdir(out_dir) == []
-    return capsys.readouterr().err
 
 
 def test_bad_input_errors_leave_no_files(tmp_path, alpaca_parquet, qwen3_tokenizer_dir, capsys) -> None:
