@@ -160,7 +160,9 @@ def test_engine_disagreement_is_caught(tmp_path, alpaca_parquet, qwen3_tokenizer
 
     real = TiktokenBPE.encode_batch
     monkeypatch.setattr(TiktokenBPE, "encode_batch", lambda self, texts, threads=1: [i[:-1] for i in real(self, texts)])
-    err = run_failing(capsys, tmp_path / "out", "--input", alpaca_parquet, "--tokenizer-name-or-path", qwen3_tokenizer_dir)
+    err = run_failing(
+        capsys, tmp_path / "out", "--input", alpaca_parquet, "--tokenizer-name-or-path", qwen3_tokenizer_dir
+    )
     assert "the tiktoken engine and the HF tokenizer disagree" in err and "--tokenizer-engine tokenizers" in err
 
 
@@ -284,6 +286,11 @@ def test_bad_input_errors_leave_no_files(tmp_path, alpaca_parquet, qwen3_tokeniz
     assert "'NoSuchHandler' is not supported; choose one of: GeneralPretrainHandler" in err
     err = run_failing(capsys, out, "--input", alpaca_parquet, *tok, "--token-dtype", "uint16")
     assert "151669 tokens does not fit in uint16" in err
+
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(alpaca_parquet.read_bytes()[:-100])
+    err = run_failing(capsys, out, "--input", broken, *tok)
+    assert "broken.parquet: not a readable parquet file" in err
 
     jsonl = tmp_path / "keys.jsonl"
     jsonl.write_text('{"content": "a", "id": 1}\n')

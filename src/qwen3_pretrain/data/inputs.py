@@ -109,6 +109,7 @@ def _missing_column_error(path: str, missing: list[str], present: list[str]) -> 
 
 
 def _parquet_batches(path: str, required: list[str], optional: list[str], batch_size: int) -> Iterator[Batch]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -120,7 +121,14 @@ def _parquet_batches(path: str, required: list[str], optional: list[str], batch_
     if missing:
         raise _missing_column_error(path, missing, names)
     present = [c for c in required + optional if c in names]
-    for record_batch in parquet.iter_batches(batch_size=batch_size, columns=present):
+    batches = parquet.iter_batches(batch_size=batch_size, columns=present)
+    while True:
+        try:
+            record_batch = next(batches, None)
+        except (pa.ArrowException, OSError) as exc:
+            raise DataInputError(f"{path}: damaged parquet data ({exc})") from exc
+        if record_batch is None:
+            return
         batch = record_batch.to_pydict()
         for column in optional:
             batch.setdefault(column, [None] * record_batch.num_rows)

@@ -136,6 +136,8 @@ def tiktoken_engine_for(backend: Any) -> tuple[TiktokenBPE | None, str]:
     if problem:
         return None, problem
     model, to_byte = spec["model"], _byte_decoder()
+    if len(model["vocab"]) != 256 + len(model["merges"]):
+        return None, "the vocabulary is not the 256 bytes plus one token per merge"
     if not set("".join(model["vocab"])) <= to_byte.keys():
         return None, "vocabulary has symbols outside the byte-level alphabet"
     as_latin1 = {ord(c): chr(b) for c, b in to_byte.items()}  # symbol -> the char whose latin-1 code is its byte
@@ -148,7 +150,10 @@ def tiktoken_engine_for(backend: Any) -> tuple[TiktokenBPE | None, str]:
             return None, f"merge {i} ({left!r} + {right!r}) does not create the token of rank {256 + i}"
     added = {t["content"]: t["id"] for t in spec.get("added_tokens") or []}
     pattern = spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"]
-    engine = TiktokenBPE(pattern, ranks, added, nfc=spec.get("normalizer") is not None)
+    try:
+        engine = TiktokenBPE(pattern, ranks, added, nfc=spec.get("normalizer") is not None)
+    except ValueError as exc:  # e.g. a regex tiktoken's engine does not support
+        return None, f"tiktoken cannot load it ({exc})"
     expected = [e.ids for e in backend.encode_batch(list(PROBE_TEXTS), add_special_tokens=True)]
     for text, ids in zip(PROBE_TEXTS, expected):
         if engine.encode(text) != ids:
