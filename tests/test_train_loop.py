@@ -254,3 +254,24 @@ def test_sigterm_finishes_the_step_saves_and_returns(baseline: tuple[TrainConfig
     assert [p.name for p in result.checkpoints] == ["iter_0000002"]
     assert (tmp_path / "ck" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+@pytest.mark.parametrize("granularity", ["full", "selective"])
+def test_recompute_gives_the_same_losses(baseline: tuple[TrainConfig, TrainResult, str, Path], dataset: str,
+                                         granularity: str) -> None:
+    result = run_training(parse_train_args(tiny_flags(dataset, recompute_granularity=granularity)))
+    assert_close(result.losses, baseline[1].losses, rel=1e-6)
+
+
+def test_fp16_loss_scale_backs_off_without_stopping(dataset: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Overflows at a too-large loss scale skip updates and halve the scale; they are not failures."""
+    flags = tiny_flags(dataset, fp16=True, initial_loss_scale=2.0**24, hysteresis=1, log_interval=1,
+                       stop_after_nonfinite_iters=2)
+    result = run_training(parse_train_args(flags))
+    first_applied = result.skipped.index(False)
+    assert first_applied >= 2 and not any(result.skipped[first_applied:])
+    assert all(math.isfinite(loss) for loss in result.losses)
+    scales = [float(re.search(r"loss scale: (\S+) \|", line).group(1))
+              for line in capsys.readouterr().out.splitlines() if line.startswith(" [")]
+    assert scales[:first_applied] == [2.0 ** (23 - i) for i in range(first_applied)]
+    assert scales[first_applied:] == [scales[first_applied - 1]] * (ITERS - first_applied)
