@@ -7,7 +7,11 @@ per-token cross entropy over the whole global batch divided by its number of los
 Per-iteration values stay on the device until the next log line (or checkpoint), where they are
 read in one go: a step needs no host synchronisation. A non-finite gradient norm skips the update
 (on the device), is counted in "number of skipped iterations" (and "nan iterations" when the loss
-itself is not finite), and too many in a row stop the run with an error.
+itself is not finite), and too many in a row stop the run with an error (checked when the values are
+read). As in Megatron a skipped update does not advance the LR schedule: the schedule advances on the
+host after every step and is moved back for the skipped ones when their flags are read, so with
+`--log-interval 1` the LRs are exactly Megatron's; with longer intervals the steps between a skipped
+one and the next log line run one schedule step ahead.
 """
 
 from __future__ import annotations
@@ -89,6 +93,17 @@ class _Pending:
     grad_norm: torch.Tensor
     found_inf: torch.Tensor
     scale_at_minimum: torch.Tensor | None  # fp16: the loss scale could not back off further
+
+
+@dataclass
+class _Interval:
+    """Counters of the current log interval (Megatron averages the loss over applied iterations)."""
+
+    iterations: int = 0
+    applied: int = 0
+    loss_sum: float = 0.0
+    skipped: int = 0
+    nan: int = 0
 
 
 class StopSignal:
@@ -197,7 +212,7 @@ class Trainer:
         self.pending: list[_Pending] = []
         self.last_grad_norm = float("nan")
         self.last_saved = self.iteration if self.resolved.load_format == "native" and not config.checkpoint.finetune else -1
-        self.interval = {"iterations": 0, "loss_sum": 0.0, "applied": 0, "skipped": 0, "nan": 0}
+        self.interval = _Interval()
         self.result = TrainResult()
         self.peak_tflops = device_peak_tflops(env.device, self.compute_dtype)
         self.metrics = MetricsWriter(
@@ -356,18 +371,18 @@ class Trainer:
             self.result.learning_rates.append(p.lr)
             self.result.grad_norms.append(norm)
             self.result.skipped.append(skipped)
-            self.interval["iterations"] += 1
+            self.interval.iterations += 1
             skipped_now += int(skipped)
             nan_now += int(nan)
             if skipped:
                 if nan or at_min:
                     self.nonfinite_streak += 1
             else:
-                self.interval["loss_sum"] += loss
-                self.interval["applied"] += 1
+                self.interval.loss_sum += loss
+                self.interval.applied += 1
                 self.nonfinite_streak = 0
-        self.interval["skipped"] += skipped_now
-        self.interval["nan"] += nan_now
+        self.interval.skipped += skipped_now
+        self.interval.nan += nan_now
         self.skipped_total += skipped_now
         self.nan_total += nan_now
         if skipped_now:  # Megatron does not advance the schedule for skipped updates
@@ -385,21 +400,21 @@ class Trainer:
     def _log_line(self, seconds: float) -> None:
         """Print the iteration line (last rank) and write the same numbers to JSONL/TensorBoard."""
         iv = self.interval
-        n = max(iv["iterations"], 1)
+        n = max(iv.iterations, 1)
         tokens, tflops, mfu = throughput(self.config, n, seconds, self.env.world_size, self.peak_tflops)
         log = IterationLog(
             iteration=self.iteration, train_iters=self.resolved.train_iters, consumed_samples=self.consumed_samples,
             elapsed_ms_per_iteration=seconds * 1000.0 / n, lr=self.optimizer.param_groups[0]["lr"],
             global_batch_size=self.resolved.global_batch_size,
-            lm_loss=iv["loss_sum"] / iv["applied"] if iv["applied"] else float("nan"),
+            lm_loss=iv.loss_sum / iv.applied if iv.applied else float("nan"),
             loss_scale=float(self.scaler.scale) if self.scaler is not None else 1.0,
-            grad_norm=self.last_grad_norm, skipped_iterations=iv["skipped"], nan_iterations=iv["nan"],
+            grad_norm=self.last_grad_norm, skipped_iterations=iv.skipped, nan_iterations=iv.nan,
             tokens_per_sec_per_device=tokens, tflops_per_device=tflops, mfu=mfu,
         )
         if self.env.is_last_rank:
             print(format_iteration_line(log), flush=True)
         self.metrics.iteration(log)
-        self.interval = {"iterations": 0, "loss_sum": 0.0, "applied": 0, "skipped": 0, "nan": 0}
+        self.interval = _Interval()
 
     # ---- evaluation ----------------------------------------------------------------------------
 
