@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ours: --recompute-granularity; HF: gradient checkpointing")
     parser.add_argument("--skip-hf", action="store_true", help="run only our trainer")
     parser.add_argument("--matmul-size", type=int, default=None,
-                        help="side of the square matmul for the peak (default 8192 on accelerators, 2048 on CPU)")
+                        help="largest side of the square matmul for the peak (default 8192 on accelerators, 2048 on CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", default=None, help="write the results here (atomically)")
     parser.add_argument("--worker", choices=IMPLEMENTATIONS, default=None, help=argparse.SUPPRESS)
@@ -217,27 +217,43 @@ def synchronize() -> None:
     device_module().synchronize()
 
 
-def matmul_peak_tflops(dtype: torch.dtype, size: int, trial_seconds: float = 0.25, trials: int = 3) -> float:
-    """Best dense TFLOP/s of `size x size` matmuls in `dtype` on the chosen device."""
+def _square_operands(dtype: torch.dtype, side: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     device = local_device()
     gen = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
-    b = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
-    out = torch.empty_like(a)
-    torch.mm(a, b, out=out)
+    a = torch.randn(side, side, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(side, side, device=device, dtype=dtype, generator=gen)
+    return a, b, torch.empty_like(a)
+
+
+def _seconds_per_matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, reps: int) -> float:
     synchronize()
     start = time.perf_counter()
-    torch.mm(a, b, out=out)
+    for _ in range(reps):
+        torch.mm(a, b, out=out)
     synchronize()
-    reps = max(1, int(trial_seconds / max(time.perf_counter() - start, 1e-6)))
-    best = 0.0
-    for _ in range(trials):
-        start = time.perf_counter()
-        for _ in range(reps):
-            torch.mm(a, b, out=out)
-        synchronize()
-        best = max(best, 2.0 * size**3 * reps / (time.perf_counter() - start) / 1e12)
-    return best
+    return (time.perf_counter() - start) / reps
+
+
+def matmul_peak_tflops(
+    dtype: torch.dtype, size: int, trial_seconds: float = 0.25, trials: int = 3
+) -> tuple[float, int]:
+    """(best dense TFLOP/s, side used) of square matmuls in `dtype` on the chosen device.
+
+    The side grows from 256 by doubling up to `size`, stopping early when one matmul of the next side
+    would take longer than `trial_seconds` (a slow path, e.g. bf16 on a CPU without bf16 instructions,
+    then costs seconds, not minutes).
+    """
+    side = min(size, 256)
+    while True:
+        a, b, out = _square_operands(dtype, side)
+        torch.mm(a, b, out=out)  # warm-up
+        seconds = _seconds_per_matmul(a, b, out, reps=1)
+        if side >= size or seconds * 8 > trial_seconds:
+            break
+        side = min(size, side * 2)
+    reps = max(1, int(trial_seconds / max(seconds, 1e-6)))
+    best = min(_seconds_per_matmul(a, b, out, reps) for _ in range(trials))
+    return 2.0 * side**3 / best / 1e12, side
 
 
 def peak_rss_bytes() -> int:
@@ -346,8 +362,9 @@ def format_table(report: dict[str, Any]) -> str:
         f"model {c['model']} ({c['num_parameters'] / 1e6:.1f}M params, {c['flops_per_token'] / 1e9:.3f} GFLOP/token), "
         f"seq {c['seq_length']}, micro batch {c['micro_batch_size']}, {c['iters']} timed + {c['warmup']} warmup "
         f"iterations, compile {c['compile']}, recompute {c['recompute']}",
-        "measured matmul peak: " + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in report["peak_tflops"].items())
-        + f" (n={report['matmul_size']})"
+        "measured matmul peak: " + ", ".join(
+            f"{k} {v:.3f} TFLOP/s (n={report['matmul_size'][k]})" for k, v in report["peak_tflops"].items()
+        )
         + (f"; datasheet bf16 peak {report['spec_peak_tflops']:.0f} TFLOP/s" if report["spec_peak_tflops"] else ""),
         "",
         f"{'impl':<5} {'dtype':<5} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'MFU spec':>8} {'ms/iter':>9} "
@@ -382,8 +399,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     kind = device_type()
     size = args.matmul_size or (2048 if kind == "cpu" else 8192)
     dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
-    print(f"measuring the {size}x{size} matmul peak ({', '.join(dtypes)})", file=sys.stderr, flush=True)
-    peaks = {d: matmul_peak_tflops(DTYPES[d], size) for d in dtypes}
+    print(f"measuring the matmul peak ({', '.join(dtypes)}, side up to {size})", file=sys.stderr, flush=True)
+    measured = {d: matmul_peak_tflops(DTYPES[d], size) for d in dtypes}
+    peaks = {d: tflops for d, (tflops, _) in measured.items()}
     spec_peak = device_peak_tflops(local_device(), torch.bfloat16)
     impls = ["ours"] if args.skip_hf else list(IMPLEMENTATIONS)
     config = get_preset(args.model)
@@ -405,7 +423,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "threads": args.threads,
             "num_parameters": config.num_parameters(), "flops_per_token": config.flops_per_token(args.seq_length),
         },
-        "matmul_size": size,
+        "matmul_size": {d: side for d, (_, side) in measured.items()},
         "peak_tflops": peaks,
         "spec_peak_tflops": spec_peak,
         "results": results,

@@ -40,6 +40,7 @@ def test_report_has_machine_config_and_every_variant(report) -> None:
     assert machine["device_type"] == "cpu" and machine["device_name"] and machine["torch"] and machine["cpu_count"] >= 1
     assert data["config"]["flops_per_token"] == get_preset("qwen3-tiny").flops_per_token(SEQ)
     assert list(data["peak_tflops"]) == ["fp32"] and data["peak_tflops"]["fp32"] > 0
+    assert 1 <= data["matmul_size"]["fp32"] <= 128
     assert [(r["impl"], r["dtype"]) for r in data["results"]] == [("ours", "fp32"), ("hf", "fp32")]
     assert "ours/hf tokens/s fp32" in stdout
 
