@@ -4,6 +4,7 @@ non-finite iterations; SIGTERM; exact resume. One process, fp32, the qwen3-tiny 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -70,9 +71,11 @@ def reference_lr(applied_updates: int) -> float:
     return MIN_LR + 0.5 * (math.cos(math.pi * ratio) + 1.0) * (LR - MIN_LR)
 
 
-def reference_losses(config: TrainConfig, skip: frozenset[int] = frozenset()) -> list[float]:
+def reference_losses(config: TrainConfig, skip: frozenset[int] = frozenset(),
+                     initial: Qwen3ForCausalLM | None = None) -> list[float]:
     """Our model + torch AdamW + the LR formula: one global batch per step, loss = sum over loss tokens /
-    their count, global-norm clipping; updates in `skip` (0-based iterations) are not applied."""
+    their count, global-norm clipping; updates in `skip` (0-based iterations) are not applied. The
+    weights start from `initial` (a copy) or the seeded init."""
     data = config.data
     torch.manual_seed(config.training.seed)
     with torch.device("meta"):
@@ -80,6 +83,8 @@ def reference_losses(config: TrainConfig, skip: frozenset[int] = frozenset()) ->
     model.to_empty(device="cpu")
     model.tie_weights()
     model.init_weights()
+    if initial is not None:
+        model.load_state_dict(initial.state_dict())
     matrices = [p for p in model.parameters() if p.ndim > 1]
     vectors = [p for p in model.parameters() if p.ndim == 1]
     optimizer = torch.optim.AdamW(
@@ -275,3 +280,24 @@ def test_fp16_loss_scale_backs_off_without_stopping(dataset: str, capsys: pytest
               for line in capsys.readouterr().out.splitlines() if line.startswith(" [")]
     assert scales[:first_applied] == [2.0 ** (23 - i) for i in range(first_applied)]
     assert scales[first_applied:] == [scales[first_applied - 1]] * (ITERS - first_applied)
+
+
+def test_load_initial_weights_from_hf_and_mcore(dataset: str, tmp_path: Path) -> None:
+    """--load of an HF directory (shape from its config.json) and of a TP-2 mcore checkpoint of the
+    same weights both start training from those weights."""
+    from qwen3_pretrain.checkpoint.hf import iter_hf_tensors
+    from qwen3_pretrain.checkpoint.mcore import McoreLayout, write_mcore_checkpoint
+    from qwen3_pretrain.model import get_preset
+
+    torch.manual_seed(123)
+    weights = Qwen3ForCausalLM(dataclasses.replace(get_preset("qwen3-tiny"), torch_dtype="float32"))
+    weights.save_pretrained(tmp_path / "hf")
+    layout = McoreLayout(tp=2, stage_layers=(weights.config.num_hidden_layers,))
+    write_mcore_checkpoint(iter_hf_tensors(tmp_path / "hf"), weights.config, tmp_path / "mcore", layout)
+    config = parse_train_args(tiny_flags(dataset, model=None, load=tmp_path / "hf"))
+    assert config.resolved.load_format == "hf"
+    reference = reference_losses(config, initial=weights)
+    assert_close(run_training(config).losses, reference)
+    mcore = parse_train_args(tiny_flags(dataset, model=None, load=tmp_path / "mcore"))
+    assert mcore.resolved.load_format == "mcore"
+    assert_close(run_training(mcore).losses, reference)
