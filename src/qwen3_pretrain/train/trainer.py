@@ -535,7 +535,7 @@ class Trainer:
         if iterations:
             tokens, tflops, mfu = throughput(self.config, iterations, seconds, self.env.world_size, self.peak_tflops)
             result.tokens_per_sec_per_device, result.tflops_per_device, result.mfu = tokens, tflops, mfu
-        if self.env.rank == 0:
+        if self.env.is_last_rank:
             how = "stopped by signal" if result.stopped_by_signal else "finished"
             rate = f"; {tokens:.1f} tokens/s per device, {tflops:.2f} TFLOP/s per device" if iterations else ""
             mfu_text = f", MFU {100 * mfu:.1f}%" if iterations and mfu is not None else ""
