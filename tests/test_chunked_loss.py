@@ -64,7 +64,7 @@ def _rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def _loss_and_grads(
     model: Qwen3ForCausalLM, loss_only: bool, fused: bool, reduction: str = "mean"
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One forward/backward with `return_logits=not loss_only`; asserts whether the fused path ran (it skips lm_head)."""
+    """One forward/backward with `return_logits=not loss_only`; asserts whether the fused path (no lm_head call) ran."""
     model.zero_grad(set_to_none=True)
     head_calls: list[int] = []
     hook = model.lm_head.register_forward_hook(lambda *_: head_calls.append(1))
@@ -86,7 +86,10 @@ def _inputs(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return hidden, weight, _batch()[1]
 
 
-def _grads(loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _grads(loss_fn: LossFn, dtype: torch.dtype) -> list[torch.Tensor]:
     hidden, weight, labels = _inputs(dtype)
     loss = loss_fn(hidden, weight, labels)
     (loss * 2.5).backward()  # an incoming gradient other than 1, as under loss scaling or a 1/tokens factor
@@ -242,7 +245,8 @@ def _worker(out_dir: Path) -> None:
             loss, grads = _loss_and_grads(model, loss_only=True, fused=kind == "fsdp")
         grads = {n: g.full_tensor() if isinstance(g, DTensor) else g for n, g in grads.items()}
         if dist.get_rank() == 0:
-            torch.save({"loss": loss.full_tensor() if isinstance(loss, DTensor) else loss, "grads": grads}, out_dir / f"{name}.pt")
+            loss = loss.full_tensor() if isinstance(loss, DTensor) else loss
+            torch.save({"loss": loss, "grads": grads}, out_dir / f"{name}.pt")
     dist.barrier()
     dist.destroy_process_group()
 
@@ -262,7 +266,8 @@ def _main(out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def distributed_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out_dir = tmp_path_factory.mktemp("chunked-loss")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}", __file__, str(out_dir)]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}"]
+    command = [*launcher, __file__, str(out_dir)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "QWEN3_PRETRAIN_DEVICE": "cpu"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr

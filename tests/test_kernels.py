@@ -111,7 +111,9 @@ class FakeTorchNpu(types.ModuleType):
         super().__init__("torch_npu")
         self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
 
-    def npu_rms_norm(self, x: torch.Tensor, gamma: torch.Tensor, epsilon: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    def npu_rms_norm(
+        self, x: torch.Tensor, gamma: torch.Tensor, epsilon: float = 1e-6
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         self.calls.append(("npu_rms_norm", (x, gamma), {"epsilon": epsilon}))
         assert gamma.dtype == x.dtype, "npu_rms_norm needs gamma in x's dtype"
         rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + epsilon)
@@ -128,7 +130,13 @@ class FakeTorchNpu(types.ModuleType):
         return a * torch.sigmoid(a) * b
 
     def npu_fusion_attention(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, head_num: int, input_layout: str, **kwargs: Any
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        head_num: int,
+        input_layout: str,
+        **kwargs: Any,
     ) -> tuple[Any, ...]:
         self.calls.append(("npu_fusion_attention", (query, key, value, head_num, input_layout), kwargs))
         assert input_layout == "BSND" and kwargs["sparse_mode"] == 2
@@ -170,7 +178,8 @@ def test_npu_kernels_get_documented_layouts(fake_npu: FakeTorchNpu) -> None:
 
     q = _randn(B, S, HEADS, D)
     cos, sin = _cos_sin(torch.float32)
-    torch.testing.assert_close(kernels.apply_rotary(q, cos, sin), q * cos[:, :, None] + kernels.rotate_half(q) * sin[:, :, None])
+    expected = q * cos[:, :, None] + kernels.rotate_half(q) * sin[:, :, None]  # tables [b, s, 1, d]
+    torch.testing.assert_close(kernels.apply_rotary(q, cos, sin), expected)
     _, (_, r1, r2), _ = fake_npu.calls[-1]
     assert r1.shape == r2.shape == (B, S, 1, D)  # BSND input takes BS1D tables
 

@@ -49,7 +49,7 @@ def chunked_lm_head_loss(
     chunk_tokens: int,
     reduction: LossReduction = "mean",
 ) -> torch.Tensor:
-    """Equals `causal_lm_loss(hidden @ weight.T, labels, reduction)`, with logits for at most `chunk_tokens` tokens alive.
+    """`causal_lm_loss(hidden @ weight.T, labels, reduction)` with the logits of at most `chunk_tokens` tokens alive.
 
     hidden [..., hidden_size], weight [vocab, hidden_size] (the LM head), labels [...] (hidden's
     leading shape). The matmuls run in the autocast dtype when autocast is on for hidden's device,
