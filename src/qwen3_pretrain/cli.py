@@ -11,6 +11,7 @@ import sys
 
 # name -> (module with main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("qwen3_pretrain.demo", "the whole pipeline on an embedded corpus: tokenizer, data, train, export, sample"),
     "train": ("qwen3_pretrain.train.cli", "pretrain with Megatron/MindSpeed flags (--config YAML, --nproc-per-node N)"),
     "plot": ("qwen3_pretrain.train.plot", "draw loss/lr/throughput curves of a run to a PNG (plot RUN_DIR)"),
     "export": ("qwen3_pretrain.checkpoint.export", "export a native checkpoint to HF safetensors + config + tokenizer"),

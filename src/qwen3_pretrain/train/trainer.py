@@ -319,8 +319,8 @@ class Trainer:
     def _forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         tokens, labels, positions = self._to_device(batch)
         with self._autocast():
-            logits = self.model(tokens, position_ids=positions).logits
-            return token_loss_sum(logits, labels)
+            # chunked LM head + cross-entropy: no full-vocab logits for the micro batch
+            return self.model(tokens, labels, position_ids=positions, return_logits=False, loss_reduction="sum").loss
 
     def train_step(self, batches: list[dict[str, torch.Tensor]]) -> _Pending:
         """Forward/backward every micro batch, clip, and update unless the gradients are not finite."""
