@@ -23,6 +23,7 @@ import sys
 from dataclasses import dataclass
 
 from qwen3_pretrain.model.config import ConfigError, Qwen3Config, get_preset
+from qwen3_pretrain.model.qwen3 import DEFAULT_LOSS_CHUNK_TOKENS
 
 GIB = 2**30
 RECOMPUTE_CHOICES = ("none", "selective", "full")
@@ -315,7 +316,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--device", default="910b4", help=f"peak/bandwidth preset: {', '.join(DEVICE_SPECS)}")
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak per device (overrides --device)")
     parser.add_argument("--link-gbps", type=float, help="per-device interconnect GB/s (overrides --device)")
-    parser.add_argument("--loss-chunk-tokens", type=int, default=None, help="LM-head chunk size in tokens")
+    parser.add_argument("--loss-chunk-tokens", type=int, default=DEFAULT_LOSS_CHUNK_TOKENS,
+                        help="tokens per LM-head loss chunk (the trainer's default)")
     parser.add_argument("--all", action="store_true", help="show every layout, not only the best 25")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
