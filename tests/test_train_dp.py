@@ -87,3 +87,31 @@ def test_nproc_per_node_launches_torchrun(setup: tuple[str, list[float]], tmp_pa
     records = [json.loads(line) for line in (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()]
     _assert_close([r["lm_loss"] for r in records], reference, "torchrun")
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == str(ITERS)
+
+
+def _logged_losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["iteration"]: r["lm_loss"] for r in records if "lm_loss" in r}
+
+
+def test_resume_across_data_parallel_sizes(setup: tuple[str, list[float]], tmp_path: Path) -> None:
+    """A 1-process checkpoint resumes with DP=2 and a DP=2 checkpoint in 1 process, like no stop at all."""
+    data, _ = setup
+    total, stop = 5, 3
+
+    def flags(**overrides: Any) -> list[str]:
+        return tiny_flags(data, train_iters=total, log_interval=1, eval_iters=0, **overrides)
+
+    full = run_training(parse_train_args(flags(save=tmp_path / "one", save_interval=stop)))
+    expected = dict(zip(full.iterations, full.losses))
+    # one process -> two processes
+    assert main(["train", "--nproc-per-node", str(WORLD),
+                 *flags(load=tmp_path / "one" / "iter_0000003", save=tmp_path / "one_to_two")]) == 0
+    resumed_two = _logged_losses(tmp_path / "one_to_two")
+    # two processes -> one process
+    assert main(["train", "--nproc-per-node", str(WORLD), *flags(save=tmp_path / "two", save_interval=stop)]) == 0
+    resumed_one = run_training(parse_train_args(flags(load=tmp_path / "two" / "iter_0000003", save=tmp_path / "two_to_one")))
+    assert resumed_one.iterations == [4, 5]
+    for iteration in (4, 5):
+        for what, loss in (("1 -> DP 2", resumed_two[iteration]), ("DP 2 -> 1", dict(zip(resumed_one.iterations, resumed_one.losses))[iteration])):
+            assert abs(loss - expected[iteration]) <= 1e-5 * abs(expected[iteration]), f"{what}, iteration {iteration}"

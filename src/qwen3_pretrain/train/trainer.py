@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -132,11 +131,14 @@ def compute_dtype_of(config: TrainConfig) -> torch.dtype:
     return torch.bfloat16 if config.precision.bf16 else torch.float16 if config.precision.fp16 else torch.float32
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of the float32 cross entropy over positions whose label is not -100 (logits [b, s, vocab])."""
-    return F.cross_entropy(
-        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )  # [b * s, vocab], [b * s] -> scalar
+def token_loss_sum(
+    model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None
+) -> torch.Tensor:
+    """Sum of the float32 cross entropy over positions whose label is not -100, for one micro batch.
+
+    The model's chunked LM head + loss runs, so no full-vocab logits exist for the micro batch.
+    """
+    return model(tokens, labels, position_ids=positions, return_logits=False, loss_reduction="sum").loss
 
 
 def seed_everything(seed: int) -> None:
@@ -319,8 +321,7 @@ class Trainer:
     def _forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         tokens, labels, positions = self._to_device(batch)
         with self._autocast():
-            # chunked LM head + cross-entropy: no full-vocab logits for the micro batch
-            return self.model(tokens, labels, position_ids=positions, return_logits=False, loss_reduction="sum").loss
+            return token_loss_sum(self.model, tokens, labels, positions)
 
     def train_step(self, batches: list[dict[str, torch.Tensor]]) -> _Pending:
         """Forward/backward every micro batch, clip, and update unless the gradients are not finite."""
