@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from qwen3_pretrain.model import Qwen3Config, Qwen3ForCausalLM, causal_lm_loss, chunked_lm_head_loss
+from distributed_helpers import exit_after
 
 VOCAB, HIDDEN = 128, 32
 BATCH, SEQ, CHUNK = 2, 13, 8  # 26 tokens: three full chunks and a partial one
@@ -251,16 +251,6 @@ def _worker(out_dir: Path) -> None:
     dist.destroy_process_group()
 
 
-def _main(out_dir: str) -> None:
-    code = 0
-    try:
-        _worker(Path(out_dir))
-    except BaseException:  # noqa: BLE001  (report any failure, then leave without interpreter teardown)
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # gloo + DTensor may abort at interpreter exit after correct results (DESIGN.md)
 
 
 @pytest.fixture(scope="module")
@@ -286,4 +276,4 @@ def test_fsdp2_and_tensor_parallel_match_one_process(distributed_results: Path, 
 
 
 if __name__ == "__main__":
-    _main(sys.argv[1])
+    exit_after(_worker, sys.argv[1])

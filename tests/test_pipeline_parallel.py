@@ -10,7 +10,6 @@ import dataclasses
 import os
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from qwen3_pretrain.distributed.pipeline import (
 )
 from qwen3_pretrain.model.config import get_preset
 from qwen3_pretrain.model.qwen3 import Qwen3ForCausalLM
+from distributed_helpers import exit_after
 
 PP = 2
 LAYERS = 4
@@ -131,16 +131,6 @@ def _worker(out_dir: Path) -> None:
     dist.destroy_process_group()
 
 
-def _main(out_dir: str) -> None:
-    code = 0
-    try:
-        _worker(Path(out_dir))
-    except BaseException:  # noqa: BLE001  (report any failure, then leave without interpreter teardown)
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # gloo may abort at interpreter exit after correct results (DESIGN.md)
 
 
 # ---- distributed tests -------------------------------------------------------------------------
@@ -272,4 +262,4 @@ def test_invalid_schedules_are_refused_before_any_communication() -> None:
 
 
 if __name__ == "__main__":
-    _main(sys.argv[1])
+    exit_after(_worker, sys.argv[1])

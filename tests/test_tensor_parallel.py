@@ -11,7 +11,6 @@ import dataclasses
 import os
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from qwen3_pretrain.distributed.recompute import apply_activation_checkpointing
 from qwen3_pretrain.distributed.tensor_parallel import validate_tensor_parallel_size, vocab_parallel_loss
 from qwen3_pretrain.model.config import Qwen3Config, get_preset
 from qwen3_pretrain.model.qwen3 import Qwen3ForCausalLM
+from distributed_helpers import exit_after
 
 TP = 2
 STEPS = 3
@@ -122,16 +122,6 @@ def _worker(out_dir: Path) -> None:
     dist.destroy_process_group()
 
 
-def _main(out_dir: str) -> None:
-    code = 0
-    try:
-        _worker(Path(out_dir))
-    except BaseException:  # noqa: BLE001  (report any failure, then leave without interpreter teardown)
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # gloo + DTensor may abort at interpreter exit after correct results (DESIGN.md)
 
 
 # ---- tests -------------------------------------------------------------------------------------
@@ -208,4 +198,4 @@ def test_invalid_sequence_parallel_length_and_size() -> None:
 
 
 if __name__ == "__main__":
-    _main(sys.argv[1])
+    exit_after(_worker, sys.argv[1])
