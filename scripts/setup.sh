@@ -10,7 +10,7 @@ $PIP install -q --upgrade pip
 # Torch first and explicitly: a bare `torch` requirement can pull a multi-GB CUDA build.
 # On a GPU/NPU machine install the torch build for it before running this script.
 .venv/bin/python -c "import torch" 2>/dev/null || $PIP install -q "torch==${TORCH_VERSION:-2.13.0}"
+$PIP install -q -e ".[test]"
 # The offline Qwen BPE ranks ship inside dashscope; its own dependencies are not needed.
 $PIP install -q --no-deps dashscope
-$PIP install -q -e ".[test]"
 echo "setup done: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)')"
