@@ -21,13 +21,7 @@ from qwen3_pretrain.model.layers import DecoderLayer, RotaryEmbedding
 B, S, HEADS, KV_HEADS, D = 2, 11, 4, 2, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny matmuls on two busy vCPUs run far faster on one thread than on two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config() -> Qwen3Config:

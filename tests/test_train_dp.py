@@ -20,8 +20,9 @@ import torch.multiprocessing as mp
 from qwen3_pretrain.cli import main
 from qwen3_pretrain.config import parse_train_args
 from qwen3_pretrain.train.trainer import run_training
-from test_train_loop import GBS, one_thread, tiny_flags, write_tiny_dataset  # noqa: F401  (fixture)
+from test_train_loop import GBS, tiny_flags, write_tiny_dataset
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 WORLD = 2
 ITERS = 3
 CASES: dict[str, dict[str, Any]] = {

@@ -118,13 +118,7 @@ def assert_close(ours: list[float], reference: list[float], rel: float = 1e-6) -
         assert abs(a - b) <= rel * abs(b), f"iteration {i + 1}: {a} vs reference {b}"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    """Tiny matmuls: extra intra-op threads only add contention on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
