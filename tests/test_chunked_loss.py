@@ -245,8 +245,6 @@ def _worker(out_dir: Path) -> None:
     dist.destroy_process_group()
 
 
-
-
 @pytest.fixture(scope="module")
 def distributed_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out_dir = tmp_path_factory.mktemp("chunked-loss")

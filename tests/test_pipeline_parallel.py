@@ -7,8 +7,6 @@ both ranks' results with a single-process run of the same model and batches.
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ from qwen3_pretrain.distributed.pipeline import (
 )
 from qwen3_pretrain.model.config import get_preset
 from qwen3_pretrain.model.qwen3 import Qwen3ForCausalLM
-from distributed_helpers import exit_after
+from distributed_helpers import exit_after, run_as_torchrun
 
 PP = 2
 LAYERS = 4
@@ -131,18 +129,13 @@ def _worker(out_dir: Path) -> None:
     dist.destroy_process_group()
 
 
-
-
 # ---- distributed tests -------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def pp_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out_dir = tmp_path_factory.mktemp("pipeline-parallel")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={PP}", __file__, str(out_dir)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "QWEN3_PRETRAIN_DEVICE": "cpu"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
+    run_as_torchrun(__file__, PP, out_dir)
     return out_dir
 
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ from qwen3_pretrain.distributed.recompute import apply_activation_checkpointing
 from qwen3_pretrain.distributed.tensor_parallel import validate_tensor_parallel_size, vocab_parallel_loss
 from qwen3_pretrain.model.config import Qwen3Config, get_preset
 from qwen3_pretrain.model.qwen3 import Qwen3ForCausalLM
-from distributed_helpers import exit_after
+from distributed_helpers import exit_after, run_as_torchrun
 
 TP = 2
 STEPS = 3
@@ -122,18 +120,13 @@ def _worker(out_dir: Path) -> None:
     dist.destroy_process_group()
 
 
-
-
 # ---- tests -------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def tp_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out_dir = tmp_path_factory.mktemp("tensor-parallel")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={TP}", __file__, str(out_dir)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "QWEN3_PRETRAIN_DEVICE": "cpu"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
+    run_as_torchrun(__file__, TP, out_dir)
     return out_dir
 
 
