@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from qwen3_pretrain.checkpoint.hf import (
     INDEX_FILE,
     SINGLE_FILE,
     HFCheckpointError,
+    hf_tensor_locations,
     iter_hf_tensors,
     load_hf_state_dict,
     save_hf_state_dict,
@@ -167,6 +169,83 @@ def test_missing_or_corrupt_checkpoints_name_the_file(tmp_path: Path) -> None:
     (tmp_path / INDEX_FILE).write_text(json.dumps({"weight_map": {"extra": "model-00001-of-00003.safetensors"}}))
     with pytest.raises(HFCheckpointError, match="lacks tensors its index lists: \\['extra'\\]"):
         load_hf_state_dict(tmp_path)
+
+
+def test_reader_matches_safetensors_for_every_dtype_and_shape(tmp_path: Path) -> None:
+    tensors = {
+        "bf16": torch.randn(3, 5).bfloat16(), "f16": torch.randn(7).half(), "f64": torch.randn(2, 2, 2).double(),
+        "i64": torch.arange(-3, 3), "i8": torch.arange(-4, 4, dtype=torch.int8), "u8": torch.arange(9, dtype=torch.uint8),
+        "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4),
+        "f8": torch.randn(6).to(torch.float8_e4m3fn), "u16": torch.arange(5, dtype=torch.int32).to(torch.uint16),
+    }
+    save_file(tensors, str(tmp_path / SINGLE_FILE), metadata={"format": "pt"})
+    ours = load_hf_state_dict(tmp_path)
+    with safe_open(str(tmp_path / SINGLE_FILE), framework="pt") as handle:
+        theirs = {name: handle.get_tensor(name) for name in handle.keys()}
+    assert set(ours) == set(theirs) == set(tensors)
+    for name, tensor in theirs.items():
+        assert ours[name].dtype == tensor.dtype and ours[name].shape == tensor.shape, name
+        assert ours[name].reshape(-1).view(torch.uint8).tolist() == tensor.reshape(-1).view(torch.uint8).tolist(), name
+        assert ours[name].untyped_storage().nbytes() == tensor.nbytes  # a fresh tensor owning its storage
+
+
+def test_reader_follows_order_and_maps_no_file(tmp_path: Path) -> None:
+    save_hf_state_dict({f"t{i}": torch.full((50,), float(i)) for i in range(6)}, tmp_path, max_shard_bytes=500)
+    order = ["t5", "t0", "t3"]
+    names = []
+    for name, tensor in iter_hf_tensors(tmp_path, order=order):
+        maps = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else ""
+        assert str(tmp_path) not in maps  # read with file reads, never memory-mapped
+        assert torch.equal(tensor, torch.full((50,), float(name[1:])))
+        names.append(name)
+    assert names == ["t5", "t0", "t3", "t1", "t2", "t4"]  # the rest in file order
+
+
+def _with_header(path: Path, header: dict, data: bytes = b"") -> Path:
+    encoded = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
+    return path
+
+
+@pytest.mark.parametrize(
+    "header, data, reason",
+    [
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 7, "ends at byte .* \\(truncated\\)"),
+        ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 12, "needs 12 bytes, its data_offsets span 8"),
+        ({"a": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "dtype 'Q4', not one of"),
+        ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8, "shape \\[-2\\]"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, b"\0" * 8, "data_offsets \\[8, 0\\]"),
+        ({"a": {"dtype": "F32", "shape": [2]}}, b"\0" * 8, "lacks a dtype, shape or \\[begin, end\\] data_offsets"),
+        ({"a": "F32"}, b"", "header entry 'a' lacks"),
+        (["a"], b"", "header is not a JSON object"),
+    ],
+)
+def test_corrupt_headers_name_the_file(tmp_path: Path, header: dict, data: bytes, reason: str) -> None:
+    path = _with_header(tmp_path / SINGLE_FILE, header, data)
+    with pytest.raises(HFCheckpointError, match=f"{path} is not a valid safetensors file \\(.*{reason}"):
+        hf_tensor_locations(tmp_path)
+
+
+def test_truncated_or_garbage_prefix_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / SINGLE_FILE
+    for content, reason in (
+        (b"\1\2\3", "3 bytes is too short"),
+        (struct.pack("<Q", 2**40) + b"{}", "header length 1099511627776 exceeds"),
+        (struct.pack("<Q", 4) + b"\xff\xfe{}", "its header is not JSON"),
+    ):
+        path.write_bytes(content)
+        with pytest.raises(HFCheckpointError, match=f"{path} is not a valid safetensors file \\({reason}"):
+            list(iter_hf_tensors(tmp_path))
+
+
+def test_file_shrunk_after_its_header_was_read(tmp_path: Path) -> None:
+    save_hf_state_dict({"a": torch.ones(100), "b": torch.ones(100)}, tmp_path)
+    stream = iter_hf_tensors(tmp_path, order=["a", "b"])
+    assert next(stream)[0] == "a"  # the headers were checked before this
+    path = tmp_path / SINGLE_FILE
+    path.write_bytes(path.read_bytes()[: hf_tensor_locations(tmp_path)["b"].offset + 10])  # same inode, truncated
+    with pytest.raises(HFCheckpointError, match=f"{path} is not a valid safetensors file \\(.*truncated while reading"):
+        list(stream)
 
 
 def test_from_pretrained_checks_keys_and_shapes(tmp_path: Path) -> None:

@@ -1,23 +1,29 @@
 """HF safetensors checkpoints: stream tensors in, write (sharded) safetensors out.
 
 Reading handles a single `model.safetensors` or a sharded set described by
-`model.safetensors.index.json`, one tensor at a time. Writing holds at most one shard in memory,
-builds every file under a temporary directory inside the target and moves the files in place with
-the file that makes the checkpoint look complete (`model.safetensors` or the index) moved last.
+`model.safetensors.index.json`, one tensor at a time: the headers are parsed and checked here, and
+each tensor's bytes are read with plain file reads into a fresh tensor (no memory map; the pages read
+are dropped from the page cache), so reading holds only the tensor being yielded.
+
+Writing holds at most one shard in memory, builds every file under a temporary directory inside the
+target and moves the files in place with the file that makes the checkpoint look complete
+(`model.safetensors` or the index) moved last.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import shutil
+import struct
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 if TYPE_CHECKING:
@@ -26,6 +32,13 @@ if TYPE_CHECKING:
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
 
 
 class HFCheckpointError(ValueError):
@@ -71,29 +84,121 @@ def _shard_plan(directory: Path) -> list[tuple[Path, list[str] | None]]:
     return plan
 
 
-def iter_hf_tensors(
-    directory: str | os.PathLike[str], dtype: torch.dtype | None = None
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, CPU tensor) pairs one at a time; floating tensors are cast to `dtype` if given."""
+class TensorLocation(NamedTuple):
+    """Where one tensor's bytes lie in a safetensors file."""
+
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # from the start of the file
+    nbytes: int
+
+
+def _corrupt(path: Path, reason: str) -> HFCheckpointError:
+    return HFCheckpointError(f"{path} is not a valid safetensors file ({reason}); re-download or re-save it")
+
+
+def _read_header(path: Path) -> dict[str, TensorLocation]:
+    """Every tensor of one safetensors file from its header (8-byte little-endian length, then JSON)."""
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise _corrupt(path, f"{size} bytes is too short for the 8-byte header length")
+            (header_bytes,) = struct.unpack("<Q", prefix)
+            if header_bytes > min(MAX_HEADER_BYTES, size - 8):
+                raise _corrupt(path, f"header length {header_bytes} exceeds the file size {size} or {MAX_HEADER_BYTES}")
+            header = json.loads(handle.read(header_bytes))
+    except OSError as exc:
+        raise HFCheckpointError(f"cannot read {path} ({exc})") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _corrupt(path, f"its header is not JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise _corrupt(path, "its header is not a JSON object")
+    data_start = 8 + header_bytes
+    return {
+        name: _tensor_location(path, name, entry, data_start, size)
+        for name, entry in header.items()
+        if name != "__metadata__"
+    }
+
+
+def _tensor_location(path: Path, name: str, entry: Any, data_start: int, file_size: int) -> TensorLocation:
+    """Check one header entry ({"dtype", "shape", "data_offsets"}) against the file and locate its bytes."""
+    try:
+        dtype_name, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _corrupt(path, f"header entry {name!r} lacks a dtype, shape or [begin, end] data_offsets") from exc
+    if not isinstance(dtype_name, str) or dtype_name not in SAFETENSORS_DTYPES:
+        raise _corrupt(path, f"tensor {name!r} has dtype {dtype_name!r}, not one of {sorted(SAFETENSORS_DTYPES)}")
+    if not all(type(v) is int and v >= 0 for v in (*shape, begin, end)) or begin > end:
+        raise _corrupt(path, f"tensor {name!r} has shape {list(shape)} and data_offsets {[begin, end]}")
+    dtype = SAFETENSORS_DTYPES[dtype_name]
+    nbytes = math.prod(shape) * dtype.itemsize
+    if end - begin != nbytes:
+        raise _corrupt(
+            path, f"tensor {name!r} ({dtype_name} {list(shape)}) needs {nbytes} bytes, its data_offsets span {end - begin}"
+        )
+    if data_start + end > file_size:
+        raise _corrupt(path, f"tensor {name!r} ends at byte {data_start + end} of a {file_size}-byte file (truncated)")
+    return TensorLocation(path, dtype, shape, data_start + begin, nbytes)
+
+
+def hf_tensor_locations(directory: str | os.PathLike[str]) -> dict[str, TensorLocation]:
+    """Every tensor of an HF checkpoint directory -> where it lies, from the headers; reads no tensor data.
+
+    Raises HFCheckpointError naming the file when a file is missing, corrupt or lacks a tensor its
+    index lists.
+    """
+    locations: dict[str, TensorLocation] = {}
     for path, keys in _shard_plan(Path(directory)):
+        in_file = _read_header(path)
+        missing = [k for k in keys or () if k not in in_file]
+        if missing:
+            raise HFCheckpointError(f"{path} lacks tensors its index lists: {missing[:5]}; re-download the checkpoint")
+        locations.update((k, in_file[k]) for k in (in_file if keys is None else keys))
+    return locations
+
+
+def read_tensor(handle: BinaryIO, location: TensorLocation) -> torch.Tensor:
+    """The tensor at `location` of the open file `handle`, read into fresh memory; its pages leave the page cache."""
+    data = torch.empty(location.nbytes, dtype=torch.uint8)
+    buffer = memoryview(data.numpy())
+    handle.seek(location.offset)
+    done = 0
+    while done < location.nbytes:
+        count = handle.readinto(buffer[done:])
+        if not count:
+            where = location.offset + done
+            raise _corrupt(location.path, f"it ends inside a tensor at byte {where} (truncated while reading)")
+        done += count
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(handle.fileno(), location.offset, location.nbytes, os.POSIX_FADV_DONTNEED)
+    return data.view(location.dtype).view(location.shape)  # [nbytes] -> [numel] -> shape
+
+
+def iter_hf_tensors(
+    directory: str | os.PathLike[str], dtype: torch.dtype | None = None, order: Sequence[str] = ()
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, CPU tensor) pairs one at a time; floating tensors are cast to `dtype` if given.
+
+    Names listed in `order` come first, in that order (e.g. a model's layer order, so consumers can
+    finish one part before the next starts); the rest follow in file and offset order. Every header
+    is checked before the first tensor is yielded.
+    """
+    locations = hf_tensor_locations(directory)
+    rank = {name: i for i, name in enumerate(order)}
+    names = sorted(locations, key=lambda n: (rank.get(n, len(rank)), str(locations[n].path), locations[n].offset))
+    for path, group in itertools.groupby(names, key=lambda n: locations[n].path):
         try:
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                present = set(handle.keys())
-                wanted = sorted(present) if keys is None else keys
-                missing = [k for k in wanted if k not in present]
-                if missing:
-                    raise HFCheckpointError(
-                        f"{path} lacks tensors its index lists: {missing[:5]}; re-download the checkpoint"
-                    )
-                for key in wanted:
-                    tensor = handle.get_tensor(key)
-                    if dtype is not None and tensor.is_floating_point():
-                        tensor = tensor.to(dtype)
-                    yield key, tensor
-        except SafetensorError as exc:
-            raise HFCheckpointError(
-                f"{path} is not a valid safetensors file ({exc}); re-download or re-save it"
-            ) from exc
+            handle = open(path, "rb", buffering=0)
+        except OSError as exc:
+            raise HFCheckpointError(f"cannot read {path} ({exc})") from exc
+        with handle:
+            for name in group:
+                tensor = read_tensor(handle, locations[name])
+                yield name, tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
 def load_hf_state_dict(
