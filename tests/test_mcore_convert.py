@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
+from qwen3_pretrain.checkpoint import convert as convert_module
 from qwen3_pretrain.checkpoint import mcore
 from qwen3_pretrain.checkpoint.convert import main as convert_main
 from qwen3_pretrain.checkpoint.hf import load_hf_state_dict, save_hf_state_dict
@@ -161,6 +163,26 @@ def test_hf_mg_hf_is_bit_identical(tmp_path, tied, tp, stage_layers) -> None:
     assert_identical(load_hf_state_dict(tmp_path / "back"), original)
     assert Qwen3Config.from_pretrained(tmp_path / "back") == config
     assert (tmp_path / "back" / "tokenizer.json").read_text() == '{"fake": "tokenizer"}'
+
+
+def test_hf_to_mg_writes_each_stage_before_reading_the_next(tmp_path, monkeypatch) -> None:
+    """HF files hold layers in name order (0, 1, 10, 11, 2, ...); the converter reads them stage by stage,
+    so it holds at most one stage's shards: stage 0's files exist before any stage-1 tensor is read."""
+    config = dataclasses.replace(tiny_config(tied=False), num_hidden_layers=12)
+    write_hf(tmp_path / "hf", config)
+    files_when_read: dict[str, int] = {}
+    read = convert_module.iter_hf_tensors
+
+    def recording(*args, **kwargs):
+        for name, tensor in read(*args, **kwargs):
+            files_when_read[name] = len(list(tmp_path.glob(f".mg.incomplete-*/{ITER}/*/{MODEL_FILE}")))
+            yield name, tensor
+
+    monkeypatch.setattr(convert_module, "iter_hf_tensors", recording)
+    hf_to_mg(tmp_path / "hf", tmp_path / "mg", tp=2, pp=2)
+    stage1 = {n for n in files_when_read if re.match(r"model\.layers\.([6-9]|1[01])\.|model\.norm\.|lm_head\.", n)}
+    assert len(stage1) == 6 * 11 + 2 and {files_when_read[n] for n in stage1} == {2}
+    assert {files_when_read[n] for n in set(files_when_read) - stage1} == {0}
 
 
 def test_packing_known_answer_tp2() -> None:
@@ -354,7 +376,7 @@ def test_error_weights_do_not_match_config(tmp_path, capsys) -> None:
     write_hf(tmp_path / "hf", config)
     dataclasses.replace(config, intermediate_size=48).save_pretrained(tmp_path / "hf")
     argv = ["--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", tmp_path / "hf", "--save-dir", tmp_path / "out"]
-    assert_fails_cleanly(capsys, tmp_path, argv, "model.layers.0.mlp.down_proj.weight", "(32, 64)", "(32, 48)")
+    assert_fails_cleanly(capsys, tmp_path, argv, "model.layers.0.mlp.gate_proj.weight", "(64, 32)", "(48, 32)")
 
 
 def test_error_existing_output_is_never_overwritten(tmp_path, capsys) -> None:

@@ -25,6 +25,7 @@ from qwen3_pretrain.checkpoint.mcore import (
     McoreCheckpointError,
     McoreLayout,
     check_output_dir,
+    hf_tensor_shapes,
     iter_mcore_as_hf,
     staged_output_dir,
     write_mcore_checkpoint,
@@ -81,7 +82,7 @@ def _hf_to_mg(args: argparse.Namespace, dtype: torch.dtype | None, progress: Pro
     check_output_dir(args.save_dir)
     print(f"hf -> mg: {args.load_dir} -> {args.save_dir} (TP={layout.tp}, PP={layout.pp}, layers per stage "
           f"{list(layout.stage_layers)})", file=sys.stderr)
-    tensors = iter_hf_tensors(args.load_dir, dtype)
+    tensors = iter_hf_tensors(args.load_dir, dtype, order=list(hf_tensor_shapes(config)))  # stage by stage
     return write_mcore_checkpoint(
         tensors, config, args.save_dir, layout, hf_files=hf_side_files(args.load_dir), progress=progress
     )
