@@ -4,20 +4,25 @@
         --target-tensor-parallel-size 8 --target-pipeline-parallel-size 1 \\
         --load-dir ./model_from_hf/qwen3_1.7b --save-dir ./model_weights/qwen3_1.7b_mcore
 
-mg -> mg re-splits an mcore checkpoint to another TP/PP layout.
+mg -> mg re-splits an mcore checkpoint to another TP/PP layout. `--load-model-type native` reads a
+checkpoint of `qwen3-pretrain train --save` (the --save directory, or one iter_NNNNNNN directory) and
+writes it as hf or mg; its model config comes from the run configuration saved with it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from qwen3_pretrain.checkpoint.export import load_native_model, open_native_checkpoint, tokenizer_files, tokenizer_source
 from qwen3_pretrain.checkpoint.hf import HFCheckpointError, iter_hf_tensors, save_hf_state_dict
 from qwen3_pretrain.checkpoint.mcore import (
     CONVERTED_ITERATION,
@@ -30,10 +35,15 @@ from qwen3_pretrain.checkpoint.mcore import (
     staged_output_dir,
     write_mcore_checkpoint,
 )
+from qwen3_pretrain.checkpoint.native import CheckpointError, detect_checkpoint_format
 from qwen3_pretrain.model.config import ConfigError, Qwen3Config
 
 PARAMS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf", ".index.json")
+_SHAPE_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "tie_word_embeddings",
+)
 
 
 def hf_side_files(directory: Path) -> list[Path]:
@@ -64,6 +74,13 @@ def _cast(tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None
         yield name, tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
+def _reported(tensors: dict[str, torch.Tensor], progress: ProgressPrinter) -> Iterator[tuple[str, torch.Tensor]]:
+    """`tensors`' items, reporting each one once it has been consumed."""
+    for done, item in enumerate(tensors.items(), 1):
+        yield item
+        progress("tensors", done, len(tensors))
+
+
 def _config_source(args: argparse.Namespace) -> Path | None:
     """The directory whose config.json (and tokenizer files) describe the mcore model, if any."""
     if args.hf_cfg_dir is not None:
@@ -74,18 +91,42 @@ def _config_source(args: argparse.Namespace) -> Path | None:
     return saved if (saved / "config.json").is_file() else None
 
 
-def _hf_to_mg(args: argparse.Namespace, dtype: torch.dtype | None, progress: ProgressPrinter) -> Path:
-    config = Qwen3Config.from_pretrained(args.load_dir)
-    layout = McoreLayout.build(
+def _target_layout(args: argparse.Namespace, config: Qwen3Config) -> McoreLayout:
+    """The mg output's split from --target-tensor/pipeline-parallel-size and --num-layer-list."""
+    return McoreLayout.build(
         config, args.target_tensor_parallel_size, args.target_pipeline_parallel_size, args.num_layer_list
     )
+
+
+def _describe(layout: McoreLayout) -> str:
+    return f"TP={layout.tp}, PP={layout.pp}, layers per stage {list(layout.stage_layers)}"
+
+
+def _hf_to_mg(args: argparse.Namespace, dtype: torch.dtype | None, progress: ProgressPrinter) -> Path:
+    config = Qwen3Config.from_pretrained(args.load_dir)
+    layout = _target_layout(args, config)
     check_output_dir(args.save_dir)
-    print(f"hf -> mg: {args.load_dir} -> {args.save_dir} (TP={layout.tp}, PP={layout.pp}, layers per stage "
-          f"{list(layout.stage_layers)})", file=sys.stderr)
+    print(f"hf -> mg: {args.load_dir} -> {args.save_dir} ({_describe(layout)})", file=sys.stderr)
     tensors = iter_hf_tensors(args.load_dir, dtype, order=list(hf_tensor_shapes(config)))  # stage by stage
     return write_mcore_checkpoint(
         tensors, config, args.save_dir, layout, hf_files=hf_side_files(args.load_dir), progress=progress
     )
+
+
+def _write_hf(
+    tensors: Iterable[tuple[str, torch.Tensor]], config: Qwen3Config, dtype: torch.dtype | None, save_dir: Path,
+    side_files: Iterable[Path],
+) -> Path:
+    """Safetensors (cast to `dtype` if given) + config.json from `config` + `side_files` but any config.json,
+    appearing at `save_dir` only when complete."""
+    if dtype is not None:
+        config = dataclasses.replace(config, torch_dtype=str(dtype).removeprefix("torch."))
+    with staged_output_dir(save_dir) as staging:
+        save_hf_state_dict(_cast(tensors, dtype), staging, config=config)
+        for file in side_files:
+            if file.name != "config.json":
+                shutil.copy2(file, staging / file.name)
+    return save_dir
 
 
 def _mg_to_hf(args: argparse.Namespace, dtype: torch.dtype | None, progress: ProgressPrinter) -> Path:
@@ -93,15 +134,8 @@ def _mg_to_hf(args: argparse.Namespace, dtype: torch.dtype | None, progress: Pro
     check_output_dir(args.save_dir)
     given = Qwen3Config.from_pretrained(source) if source is not None else None
     config, iteration, tensors = iter_mcore_as_hf(args.load_dir, given, progress)
-    if dtype is not None:
-        config.torch_dtype = str(dtype).removeprefix("torch.")
     print(f"mg -> hf: {args.load_dir} (iteration {iteration}) -> {args.save_dir}", file=sys.stderr)
-    with staged_output_dir(args.save_dir) as staging:
-        save_hf_state_dict(_cast(tensors, dtype), staging, config=config)
-        for file in hf_side_files(source) if source is not None else []:
-            if file.name != "config.json":
-                shutil.copy2(file, staging / file.name)
-    return args.save_dir
+    return _write_hf(tensors, config, dtype, args.save_dir, hf_side_files(source) if source is not None else [])
 
 
 def _mg_to_mg(args: argparse.Namespace, dtype: torch.dtype | None, progress: ProgressPrinter) -> Path:
@@ -109,10 +143,8 @@ def _mg_to_mg(args: argparse.Namespace, dtype: torch.dtype | None, progress: Pro
     check_output_dir(args.save_dir)
     given = Qwen3Config.from_pretrained(source) if source is not None else None
     config, iteration, tensors = iter_mcore_as_hf(args.load_dir, given)
-    layout = McoreLayout.build(
-        config, args.target_tensor_parallel_size, args.target_pipeline_parallel_size, args.num_layer_list
-    )
-    print(f"mg -> mg: {args.load_dir} -> {args.save_dir} (TP={layout.tp}, PP={layout.pp})", file=sys.stderr)
+    layout = _target_layout(args, config)
+    print(f"mg -> mg: {args.load_dir} -> {args.save_dir} ({_describe(layout)})", file=sys.stderr)
     side_files = hf_side_files(source) if source is not None else []
     iteration = iteration or CONVERTED_ITERATION  # a "release" checkpoint (iteration 0) would not load in Megatron
     return write_mcore_checkpoint(
@@ -120,14 +152,81 @@ def _mg_to_mg(args: argparse.Namespace, dtype: torch.dtype | None, progress: Pro
     )
 
 
+def _open_native(args: argparse.Namespace) -> tuple[Path, dict[str, Any], Qwen3Config]:
+    """(iteration directory, saved run configuration, model config) of the native checkpoint --load-dir."""
+    if not args.load_dir.is_dir():
+        raise CheckpointError(
+            f"--load-dir {args.load_dir} does not exist; pass the --save directory of a qwen3-pretrain train run "
+            "or one of its iter_NNNNNNN directories"
+        )
+    found = detect_checkpoint_format(args.load_dir)
+    if found in ("hf", "mcore"):
+        raise CheckpointError(
+            f"--load-dir {args.load_dir} is an {found} checkpoint, not a native one; "
+            f"pass --load-model-type {'mg' if found == 'mcore' else 'hf'}"
+        )
+    return open_native_checkpoint(args.load_dir)
+
+
+def _native_side_files(args: argparse.Namespace, saved_config: dict[str, Any], config: Qwen3Config) -> list[Path]:
+    """Files to ship with a native checkpoint's weights: --hf-cfg-dir's non-weight files, else the run's
+    tokenizer files. config.json is written from the checkpoint; one in --hf-cfg-dir must match its shapes."""
+    if args.hf_cfg_dir is None:
+        return tokenizer_files(tokenizer_source(None, saved_config, flag="--hf-cfg-dir"))
+    if not args.hf_cfg_dir.is_dir():
+        raise ConfigError(f"--hf-cfg-dir {args.hf_cfg_dir} does not exist; point it at the HF model directory")
+    if (args.hf_cfg_dir / "config.json").is_file():
+        given = Qwen3Config.from_pretrained(args.hf_cfg_dir)
+        differ = [
+            f"{n} {getattr(given, n)} != {getattr(config, n)}" for n in _SHAPE_FIELDS if getattr(given, n) != getattr(config, n)
+        ]
+        if differ:
+            raise ConfigError(
+                f"--hf-cfg-dir {args.hf_cfg_dir / 'config.json'} describes another model than the checkpoint "
+                f"({', '.join(differ)}); point it at this model's HF directory or leave it out"
+            )
+    return [file for file in hf_side_files(args.hf_cfg_dir) if file.name != "config.json"]
+
+
+def _prepare_native(args: argparse.Namespace) -> tuple[Path, Qwen3Config, list[Path]]:
+    """(iteration directory, model config, files to ship) of --load-dir, after checking --save-dir is free."""
+    checkpoint, saved_config, config = _open_native(args)
+    side_files = _native_side_files(args, saved_config, config)
+    check_output_dir(args.save_dir)
+    return checkpoint, config, side_files
+
+
+def _native_to_hf(args: argparse.Namespace, dtype: torch.dtype | None, progress: ProgressPrinter) -> Path:
+    checkpoint, config, side_files = _prepare_native(args)
+    print(f"native -> hf: {checkpoint} -> {args.save_dir}", file=sys.stderr)
+    tensors = load_native_model(checkpoint, config).hf_state_dict()
+    config = dataclasses.replace(config, torch_dtype=str(next(iter(tensors.values())).dtype).removeprefix("torch."))
+    return _write_hf(_reported(tensors, progress), config, dtype, args.save_dir, side_files)
+
+
+def _native_to_mg(args: argparse.Namespace, dtype: torch.dtype | None, progress: ProgressPrinter) -> Path:
+    checkpoint, config, side_files = _prepare_native(args)
+    layout = _target_layout(args, config)
+    print(f"native -> mg: {checkpoint} -> {args.save_dir} ({_describe(layout)})", file=sys.stderr)
+    tensors = load_native_model(checkpoint, config).hf_state_dict()
+    return write_mcore_checkpoint(
+        _cast(tensors.items(), dtype), config, args.save_dir, layout, hf_files=side_files, progress=progress,
+        write_config=True,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qwen3-pretrain convert",
-        description="Convert Qwen3 checkpoints between HF safetensors and Megatron/MindSpeed mcore (any TP/PP split).",
+        description="Convert Qwen3 checkpoints between HF safetensors and Megatron/MindSpeed mcore (any TP/PP split); "
+                    "also write a qwen3-pretrain train checkpoint (native) as either.",
     )
-    parser.add_argument("--load-model-type", choices=("hf", "mg"), required=True, help="format of --load-dir")
+    parser.add_argument("--load-model-type", choices=("hf", "mg", "native"), required=True,
+                        help="format of --load-dir (native: a checkpoint written by qwen3-pretrain train --save)")
     parser.add_argument("--save-model-type", choices=("hf", "mg"), required=True, help="format to write")
-    parser.add_argument("--load-dir", type=Path, required=True, help="HF model directory or mcore checkpoint directory")
+    parser.add_argument("--load-dir", type=Path, required=True,
+                        help="HF model directory, mcore checkpoint directory, or native checkpoint (a train --save "
+                             "directory: its latest iteration; or one iter_NNNNNNN directory)")
     parser.add_argument("--save-dir", type=Path, required=True, help="output directory (must not exist or be empty)")
     parser.add_argument("--target-tensor-parallel-size", type=int, default=1, help="TP size of mg output (default: 1)")
     parser.add_argument("--target-pipeline-parallel-size", type=int, default=1, help="PP size of mg output (default: 1)")
@@ -137,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-type-hf", choices=("qwen3",), default="qwen3", help="HF architecture (dense Qwen3)")
     parser.add_argument("--hf-cfg-dir", type=Path, default=None,
                         help="mg -> hf: HF directory whose config.json and tokenizer files describe the model "
-                             "(default: the hf_config/ saved in the mcore checkpoint, else the checkpoint's args)")
+                             "(default: the hf_config/ saved in the mcore checkpoint, else the checkpoint's args); "
+                             "native -> hf/mg: copy its tokenizer files, its config.json must match the checkpoint "
+                             "(default: the tokenizer recorded in the run's saved configuration)")
     ignored = parser.add_argument_group("accepted for MindSpeed compatibility and ignored")
     ignored.add_argument("--use-mcore-models", action="store_true")
     ignored.add_argument("--model-type", default=None)
@@ -154,7 +255,10 @@ def main(argv: list[str]) -> int:
     if ignored:
         print(f"note: {', '.join(ignored)} not needed for Qwen3; ignored", file=sys.stderr)
     dtype = PARAMS_DTYPES[args.params_dtype] if args.params_dtype else None
-    steps = {("hf", "mg"): _hf_to_mg, ("mg", "hf"): _mg_to_hf, ("mg", "mg"): _mg_to_mg}
+    steps = {
+        ("hf", "mg"): _hf_to_mg, ("mg", "hf"): _mg_to_hf, ("mg", "mg"): _mg_to_mg,
+        ("native", "hf"): _native_to_hf, ("native", "mg"): _native_to_mg,
+    }
     step = steps.get((args.load_model_type, args.save_model_type))
     if step is None:
         print("convert: error: --load-model-type hf with --save-model-type hf has nothing to convert", file=sys.stderr)
@@ -162,7 +266,7 @@ def main(argv: list[str]) -> int:
     progress = ProgressPrinter()
     try:
         out = step(args, dtype, progress)
-    except (McoreCheckpointError, HFCheckpointError, ConfigError) as exc:
+    except (McoreCheckpointError, HFCheckpointError, CheckpointError, ConfigError) as exc:
         print(f"convert: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {out} in {time.perf_counter() - progress.start:.1f} s", file=sys.stderr)

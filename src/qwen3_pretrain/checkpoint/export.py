@@ -49,13 +49,26 @@ def qwen3_config_from_saved(config: dict[str, Any], source: Path) -> Qwen3Config
         raise CheckpointError(f"{source}: the saved model configuration is invalid ({exc})") from exc
 
 
+def open_native_checkpoint(
+    load_dir: str | os.PathLike[str], iteration: int | None = None
+) -> tuple[Path, dict[str, Any], Qwen3Config]:
+    """(iteration directory, saved run configuration, model config) of a native checkpoint; reads no weights."""
+    checkpoint = resolve_checkpoint_dir(load_dir, iteration)
+    saved_config = load_model_config(checkpoint)
+    return checkpoint, saved_config, qwen3_config_from_saved(saved_config, checkpoint)
+
+
 def load_native_model_state(
     load_dir: str | os.PathLike[str], iteration: int | None = None
 ) -> tuple[Qwen3Config, dict[str, torch.Tensor]]:
     """The model config and full weights (HF names, saved dtype) of a native checkpoint, in one process."""
-    checkpoint = resolve_checkpoint_dir(load_dir, iteration)
-    config = qwen3_config_from_saved(load_model_config(checkpoint), checkpoint)
+    checkpoint, _, config = open_native_checkpoint(load_dir, iteration)
     return config, load_model_tensors(checkpoint)
+
+
+def load_native_model(checkpoint: Path, config: Qwen3Config) -> Qwen3ForCausalLM:
+    """A Qwen3ForCausalLM holding the weights (saved dtype) of the native iteration directory `checkpoint`."""
+    return _model_from_state(config, load_model_tensors(checkpoint), checkpoint)
 
 
 def _model_from_state(config: Qwen3Config, state: dict[str, torch.Tensor], source: Path) -> Qwen3ForCausalLM:
@@ -75,18 +88,26 @@ def _model_from_state(config: Qwen3Config, state: dict[str, torch.Tensor], sourc
     return model
 
 
-def _tokenizer_source(tokenizer_dir: str | os.PathLike[str] | None, saved_config: dict[str, Any]) -> Path | None:
-    """The directory to copy tokenizer files from: the flag, else the path recorded in the run config."""
+def tokenizer_files(directory: Path | None) -> list[Path]:
+    """The tokenizer files (`TOKENIZER_FILES`) present in `directory`; none for None."""
+    return [directory / name for name in TOKENIZER_FILES if directory is not None and (directory / name).is_file()]
+
+
+def tokenizer_source(
+    tokenizer_dir: str | os.PathLike[str] | None, saved_config: dict[str, Any], flag: str = "--tokenizer-dir"
+) -> Path | None:
+    """The directory to copy tokenizer files from: `tokenizer_dir` (given as `flag`), else the path
+    recorded in the run config; None, with a warning naming `flag`, when neither has tokenizer files."""
     if tokenizer_dir is not None:
         path = Path(tokenizer_dir)
-        if not any((path / name).is_file() for name in TOKENIZER_FILES):
-            raise CheckpointError(f"--tokenizer-dir {path} holds none of the tokenizer files {TOKENIZER_FILES}")
+        if not tokenizer_files(path):
+            raise CheckpointError(f"{flag} {path} holds none of the tokenizer files {TOKENIZER_FILES}")
         return path
     recorded = _find_key(saved_config, TOKENIZER_CONFIG_KEYS)
-    if recorded and any((Path(recorded) / name).is_file() for name in TOKENIZER_FILES):
+    if recorded and tokenizer_files(Path(recorded)):
         return Path(recorded)
     where = f"the recorded tokenizer {recorded!r} is not a local tokenizer directory" if recorded else "no tokenizer is recorded"
-    print(f"warning: {where}; the export has no tokenizer files (pass --tokenizer-dir)", file=sys.stderr)
+    print(f"warning: {where}; the export has no tokenizer files (pass {flag})", file=sys.stderr)
     return None
 
 
@@ -120,12 +141,10 @@ def export_native_to_hf(
     save_dir = Path(save_dir)
     if save_dir.exists() and not overwrite and (not save_dir.is_dir() or any(save_dir.iterdir())):
         raise CheckpointError(f"--save-dir {save_dir} exists and is not empty; choose a new directory or pass --overwrite")
-    checkpoint = resolve_checkpoint_dir(load_dir, iteration)
-    saved_config = load_model_config(checkpoint)
-    tokenizer = _tokenizer_source(tokenizer_dir, saved_config)
-    config = qwen3_config_from_saved(saved_config, checkpoint)
+    checkpoint, saved_config, config = open_native_checkpoint(load_dir, iteration)
+    tokenizer = tokenizer_source(tokenizer_dir, saved_config)
     print(f"reading {checkpoint}", flush=True)
-    model = _model_from_state(config, load_model_tensors(checkpoint), checkpoint)
+    model = load_native_model(checkpoint, config)
     dtype = getattr(torch, config.torch_dtype) if dtype is None else dtype
 
     staging = save_dir.with_name(f".{save_dir.name}.incomplete")
@@ -133,11 +152,11 @@ def export_native_to_hf(
     try:
         print(f"writing {str(dtype).removeprefix('torch.')} safetensors to {save_dir}", flush=True)
         model.save_pretrained(staging, dtype=dtype)
-        if tokenizer is not None:
-            copied = [name for name in TOKENIZER_FILES if (tokenizer / name).is_file()]
-            for name in copied:
-                shutil.copy2(tokenizer / name, staging / name)
-            print(f"copied tokenizer files from {tokenizer}: {', '.join(copied)}", flush=True)
+        copied = tokenizer_files(tokenizer)
+        for file in copied:
+            shutil.copy2(file, staging / file.name)
+        if copied:
+            print(f"copied tokenizer files from {tokenizer}: {', '.join(f.name for f in copied)}", flush=True)
         save_dir.parent.mkdir(parents=True, exist_ok=True)
         replace_directory(staging, save_dir)
     finally:

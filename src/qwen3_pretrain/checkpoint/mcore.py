@@ -531,13 +531,16 @@ def write_mcore_checkpoint(
     iteration: int = CONVERTED_ITERATION,
     hf_files: Sequence[Path] = (),
     progress: ProgressFn | None = None,
+    write_config: bool = False,
 ) -> Path:
     """Write HF-named tensors (any order, e.g. streamed) as an mcore checkpoint in `layout`.
 
     A stage's TP files are written as soon as all its tensors have arrived, then its shards are
-    freed; an HF tensor is dropped as soon as the shards it feeds are made. Output appears at
-    `save_dir` only when complete. `hf_files` (config.json, tokenizer files) are copied to
-    `<save_dir>/hf_config/` for the way back. Returns `save_dir`.
+    freed; an HF tensor is dropped as soon as the shards it feeds are made. Tensors given in stage
+    order (`hf_tensor_shapes` order) therefore hold at most one stage's shards plus one tensor.
+    Output appears at `save_dir` only when complete. `hf_files` (config.json, tokenizer files) are
+    copied to `<save_dir>/hf_config/` for the way back; `write_config` also writes `config` there as
+    config.json (for sources that have no config.json file). Returns `save_dir`.
     """
     save_dir = Path(save_dir)
     shapes = hf_tensor_shapes(config)
@@ -576,10 +579,13 @@ def write_mcore_checkpoint(
                 "re-download it or fix config.json"
             )
         (staging / TRACKER_FILE).write_text(str(iteration))
-        if hf_files:
+        if hf_files or write_config:
             (staging / HF_CONFIG_SUBDIR).mkdir()
             for file in hf_files:
                 shutil.copy2(file, staging / HF_CONFIG_SUBDIR / file.name)
+        if write_config:
+            written = dataclasses.replace(config, torch_dtype=str(dtype).removeprefix("torch."))
+            written.save_pretrained(staging / HF_CONFIG_SUBDIR)
     return save_dir
 
 
