@@ -51,7 +51,7 @@ def _expected_1_7b() -> object:
 
 
 def test_mindspeed_script_flags(data: str) -> None:
-    config = parse_train_args([*shlex.split(MINDSPEED_ARGS), "--data-path", data], world_size=8)
+    config = parse_train_args([*shlex.split(MINDSPEED_ARGS), "--data-path", data, "--device-memory", "64GB"], world_size=8)
     r = config.resolved
     assert r.model_config == _expected_1_7b() and r.model_config.num_parameters() == QWEN3_1_7B_PARAMS
     assert (r.dp_size, r.num_microbatches, r.global_batch_size, r.train_iters) == (1, 64, 64, 2000)
@@ -62,7 +62,7 @@ def test_mindspeed_script_flags(data: str) -> None:
 
 
 def test_recipe_for_8_devices(data: str) -> None:
-    config = parse_train_args(["--config", str(RECIPE), "--data-path", data], world_size=8)
+    config = parse_train_args(["--config", str(RECIPE), "--data-path", data, "--device-memory", "32GB"], world_size=8)
     r = config.resolved
     assert r.model_config == _expected_1_7b()
     assert (r.dp_size, r.num_microbatches, r.global_batch_size, r.train_iters) == (8, 8, 64, 2000)
@@ -102,7 +102,21 @@ BAD = [
     ({"load": "/nonexistent/checkpoint"}, 1, "--load /nonexistent/checkpoint does not exist"),
     ({"tensor_model_parallel_size": 8}, 8, "--tensor-model-parallel-size 8 does not divide the model's num_attention_heads"),
     ({"tensor_model_parallel_size": 2}, 3, "world size 3 is not divisible by --tensor-model-parallel-size 2"),
-    ({"pipeline_model_parallel_size": 2}, 2, "--pipeline-model-parallel-size 2: pipeline parallelism is not available"),
+    ({"tensor_model_parallel_size": 4}, 4, "--tensor-model-parallel-size 4 does not divide the model's num_key_value_heads"),
+    ({"tensor_model_parallel_size": 2, "padded_vocab_size": 511}, 2,
+     "--tensor-model-parallel-size 2 does not divide the model's vocab_size (511)"),
+    ({"pipeline_model_parallel_size": 3}, 3, "the model's 2 layers do not split evenly into 3 pipeline stages"),
+    ({"pipeline_model_parallel_size": 2}, 3, "world size 3 is not divisible by --tensor-model-parallel-size 1 x --pipeline"),
+    ({"pipeline_model_parallel_size": 2, "num_layer_list": "1,2"}, 2, "--num-layer-list 1,2 must give 2 positive"),
+    ({"pipeline_model_parallel_size": 2, "num_layer_list": "1,x"}, 2, "--num-layer-list '1,x' must be comma-separated"),
+    ({"pipeline_model_parallel_size": 2, "reset_position_ids": True}, 2, "--reset-position-ids is not supported with"),
+    ({"pipeline_model_parallel_size": 2, "global_batch_size": 2}, 2,
+     "the 1f1b pipeline schedule needs the number of micro batches per step (1 = global batch"),
+    ({"num_layers": 4, "pipeline_model_parallel_size": 2, "num_layers_per_virtual_pipeline_stage": 1,
+      "pipeline_schedule": "gpipe"}, 2, "--pipeline-schedule gpipe cannot run virtual stages"),
+    ({"num_layers": 4, "pipeline_model_parallel_size": 2, "num_layers_per_virtual_pipeline_stage": 1,
+      "global_batch_size": 6}, 2, "to be a multiple of --pipeline-model-parallel-size 2"),
+    ({"device_memory": "1MB"}, 1, "this layout needs about 0.50 GiB per device"),
     ({"bf16": True, "fp16": True}, 1, "--bf16 and --fp16 are exclusive"),
     ({"lr": None}, 1, "--lr is required"),
     ({"train_iters": None}, 1, "give exactly one of --train-iters and --train-samples"),
@@ -120,6 +134,17 @@ def test_bad_config_names_the_flag(data: str, change: dict, world: int, message:
         parse_train_args(tiny_flags(data, **change), world_size=world)
     assert message in str(caught.value)
     assert not dist.is_initialized()
+
+
+def test_pipeline_layout_and_memory_check_override(data: str) -> None:
+    flags = tiny_flags(data, num_layers=4, pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=1,
+                       device_memory="1MB", skip_memory_check=True)
+    pipeline = parse_train_args(flags, world_size=4).resolved.pipeline
+    assert (pipeline.stage_layers, pipeline.virtual_stages, pipeline.schedule) == ([1, 1, 1, 1], 2, "interleaved_1f1b")
+    flags = tiny_flags(data, num_layers=4, pipeline_model_parallel_size=2, num_layer_list="3,1")
+    pipeline = parse_train_args(flags, world_size=2).resolved.pipeline
+    assert (pipeline.stage_layers, pipeline.virtual_stages, pipeline.schedule) == ([3, 1], 1, "1f1b")
+    assert parse_train_args(tiny_flags(data), world_size=1).resolved.pipeline is None
 
 
 def test_tokenizer_larger_than_the_model(data: str, qwen3_tokenizer_dir: Path) -> None:

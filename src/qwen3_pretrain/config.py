@@ -21,15 +21,19 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import yaml
 
 from qwen3_pretrain.model.config import ConfigError, Qwen3Config, get_preset
 
+if TYPE_CHECKING:
+    from qwen3_pretrain.distributed.planner import MemoryEstimate
+
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
 WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
+PIPELINE_SCHEDULES = ("1f1b", "gpipe")
 CONFIG_FLAG = "--config"
 
 
@@ -135,10 +139,17 @@ class ParallelArgs:
 
     tensor_model_parallel_size: int = _opt(1, "tensor parallel size")
     pipeline_model_parallel_size: int = _opt(1, "pipeline parallel size")
+    num_layer_list: str | None = _opt(None, "decoder layers per pipeline stage, comma-separated (default: even)")
+    num_layers_per_virtual_pipeline_stage: int | None = _opt(
+        None, "layers per virtual pipeline stage: interleaved 1F1B with several stages per rank"
+    )
+    pipeline_schedule: str = _opt("1f1b", "pipeline schedule (interleaved 1F1B with virtual stages)", PIPELINE_SCHEDULES)
     sequence_parallel: bool = _opt(False, "shard norms and the residual stream over TP (needs TP > 1)")
     no_shard: bool = _opt(False, "replicate weights and optimizer state over DP (DDP-style) instead of FSDP")
     recompute_granularity: str | None = _opt(None, "activation recomputation per block", RECOMPUTE_GRANULARITIES)
     compile: bool = _opt(False, "torch.compile each transformer block")
+    device_memory: str | None = _opt(None, "memory per device for the fit check, e.g. 32GB (default: detected)")
+    skip_memory_check: bool = _opt(False, "train even when the memory estimate exceeds the device memory")
 
 
 @dataclass
@@ -254,6 +265,15 @@ def _field_types() -> dict[str, tuple[str, type]]:
 FIELDS = _field_types()
 
 
+@dataclass(frozen=True)
+class PipelineLayout:
+    """How the layers are split into pipeline stages and which schedule runs them."""
+
+    stage_layers: list[int]  # decoder layers of every stage, in stage order
+    virtual_stages: int  # stages per rank (> 1: interleaved 1F1B)
+    schedule: str  # "1f1b" | "gpipe" | "interleaved_1f1b"
+
+
 @dataclass
 class Resolved:
     """Values derived by `TrainConfig.validate` for one world size."""
@@ -265,6 +285,7 @@ class Resolved:
     train_iters: int
     model_config: Qwen3Config
     load_format: str | None  # "native" | "hf" | "mcore" | None
+    pipeline: PipelineLayout | None  # with --pipeline-model-parallel-size > 1
     tokenizer_vocab_size: int | None
     notes: list[str]
 
@@ -337,11 +358,6 @@ class TrainConfig:
                 f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
                 f"--pipeline-model-parallel-size {pp}; change them or the number of processes"
             )
-        if pp > 1:
-            raise ConfigError(
-                f"--pipeline-model-parallel-size {pp}: pipeline parallelism is not available in this version; "
-                "use --tensor-model-parallel-size and/or data parallelism"
-            )
         if par.sequence_parallel and tp == 1:
             par.sequence_parallel = False
             notes.append("--sequence-parallel (tensor-model-parallel-size is 1)")
@@ -360,14 +376,59 @@ class TrainConfig:
         tokenizer_vocab = self._tokenizer_vocab_size()
         model_config = self._model_config(load_format, tokenizer_vocab, tp)
         self._check_model_fits(model_config, tokenizer_vocab, tp)
+        num_microbatches = gbs // (tr.micro_batch_size * dp)
+        pipeline = self._pipeline_layout(model_config, num_microbatches) if pp > 1 else None
         if self.checkpoint.save_interval is not None and not self.checkpoint.save:
             notes.append("--save-interval (no --save directory)")
         self.resolved = Resolved(
-            world_size=world_size, dp_size=dp, num_microbatches=gbs // (tr.micro_batch_size * dp),
+            world_size=world_size, dp_size=dp, num_microbatches=num_microbatches,
             global_batch_size=gbs, train_iters=train_iters, model_config=model_config,
-            load_format=load_format, tokenizer_vocab_size=tokenizer_vocab, notes=notes,
+            load_format=load_format, pipeline=pipeline, tokenizer_vocab_size=tokenizer_vocab, notes=notes,
         )
+        self._check_memory_fits()
         return self.resolved
+
+    def memory_estimate(self) -> MemoryEstimate:
+        """The planner's memory estimate per device for this (validated) run's layout."""
+        from qwen3_pretrain.distributed.planner import Layout, estimate_memory
+        from qwen3_pretrain.model.qwen3 import DEFAULT_LOSS_CHUNK_TOKENS
+
+        r, par = self.require_resolved(), self.parallel
+        layout = Layout(
+            tp=par.tensor_model_parallel_size, pp=par.pipeline_model_parallel_size, dp=r.dp_size,
+            micro_batch_size=self.training.micro_batch_size, recompute=par.recompute_granularity or "none",
+            sequence_parallel=par.sequence_parallel, shard=not par.no_shard,
+        )
+        compute_bytes = 2 if self.precision.bf16 or self.precision.fp16 else 4
+        chunk = DEFAULT_LOSS_CHUNK_TOKENS if r.pipeline is None else None  # pipelines compute full logits
+        return estimate_memory(r.model_config, layout, self.data.seq_length, compute_dtype_bytes=compute_bytes,
+                               loss_chunk_tokens=chunk)
+
+    def _check_memory_fits(self) -> None:
+        """Refuse a layout whose memory estimate exceeds the device memory (--skip-memory-check to try anyway)."""
+        from qwen3_pretrain.distributed.device import device_memory_bytes
+        from qwen3_pretrain.distributed.planner import GIB, parse_size
+
+        par = self.parallel
+        if par.skip_memory_check:
+            return
+        try:
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", self.require_resolved().world_size))
+            budget = parse_size(par.device_memory) if par.device_memory is not None else device_memory_bytes(local)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        estimate = self.memory_estimate()
+        if estimate.total <= budget:
+            return
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in estimate.as_gib().items() if k != "total")
+        r = self.require_resolved()
+        raise ConfigError(
+            f"this layout needs about {estimate.total / GIB:.2f} GiB per device ({parts} GiB) but a device has "
+            f"{budget / GIB:.2f} GiB. Run `qwen3-pretrain plan --model {self.model.model or '<preset>'} --seq-length {self.data.seq_length} "
+            f"--global-batch-size {r.global_batch_size} --devices {r.world_size} --device-memory "
+            f"{budget / GIB:.0f}GB` for layouts that fit (more tensor/pipeline parallelism, "
+            "--recompute-granularity full, a smaller --micro-batch-size), or pass --skip-memory-check to try anyway"
+        )
 
     def _check_ranges(self) -> None:
         positive = (
@@ -586,6 +647,48 @@ class TrainConfig:
                 validate_tensor_parallel_size(cfg, tp)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from exc
+
+    def _pipeline_layout(self, cfg: Qwen3Config, num_microbatches: int) -> PipelineLayout:
+        """The stage split and schedule for --pipeline-model-parallel-size > 1; ConfigError names the flag."""
+        from qwen3_pretrain.distributed.pipeline import stage_layer_counts, virtual_pipeline_stages
+
+        par = self.parallel
+        pp = par.pipeline_model_parallel_size
+        if self.data.reset_position_ids:
+            raise ConfigError(
+                "--reset-position-ids is not supported with --pipeline-model-parallel-size > 1 (the stages "
+                "exchange hidden states only); drop one of them"
+            )
+        layer_list = None
+        if par.num_layer_list is not None:
+            try:
+                layer_list = [int(n) for n in par.num_layer_list.split(",")]
+            except ValueError:
+                raise ConfigError(
+                    f"--num-layer-list {par.num_layer_list!r} must be comma-separated integers, e.g. 7,7,7,7"
+                ) from None
+        try:
+            virtual = 1
+            if par.num_layers_per_virtual_pipeline_stage is not None:
+                virtual = virtual_pipeline_stages(cfg.num_hidden_layers, pp, par.num_layers_per_virtual_pipeline_stage)
+            stage_layers = stage_layer_counts(cfg.num_hidden_layers, pp, virtual, layer_list)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        if virtual > 1 and par.pipeline_schedule != "1f1b":
+            raise ConfigError(
+                f"--pipeline-schedule {par.pipeline_schedule} cannot run virtual stages "
+                "(--num-layers-per-virtual-pipeline-stage runs interleaved 1F1B); drop one of them"
+            )
+        schedule = "interleaved_1f1b" if virtual > 1 else par.pipeline_schedule
+        needs_multiple = schedule == "interleaved_1f1b"
+        if (schedule == "1f1b" and num_microbatches < pp) or (needs_multiple and num_microbatches % pp):
+            rule = "a multiple of" if needs_multiple else "at least"
+            raise ConfigError(
+                f"the {schedule} pipeline schedule needs the number of micro batches per step ({num_microbatches} = "
+                f"global batch / (micro batch x data-parallel size)) to be {rule} --pipeline-model-parallel-size {pp}; "
+                "raise --global-batch-size or lower --micro-batch-size"
+            )
+        return PipelineLayout(stage_layers, virtual, schedule)
 
     # ---- access ------------------------------------------------------------------------------
 

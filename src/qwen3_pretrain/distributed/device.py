@@ -47,3 +47,12 @@ def local_device(local_rank: int | None = None) -> torch.device:
 def device_module(kind: str | None = None):  # noqa: ANN201  (torch.cuda / torch.npu / torch.cpu)
     """The torch submodule for the device (memory stats, synchronize, set_device)."""
     return getattr(torch, kind or device_type())
+
+
+def device_memory_bytes(local_processes: int = 1) -> int:
+    """Memory of one device: the accelerator's total memory, or on CPU this machine's RAM shared by its
+    `local_processes`."""
+    kind = device_type()
+    if kind != "cpu":
+        return int(device_module(kind).get_device_properties(local_device()).total_memory)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(local_processes, 1)

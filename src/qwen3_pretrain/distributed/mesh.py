@@ -52,6 +52,14 @@ class ParallelEnv:
     def dp_group(self) -> dist.ProcessGroup | None:
         return self.mesh["dp"].get_group() if self.mesh is not None else None
 
+    @property
+    def pp_rank(self) -> int:
+        return self.mesh["pp"].get_local_rank() if self.mesh is not None else 0
+
+    @property
+    def pp_group(self) -> dist.ProcessGroup | None:
+        return self.mesh["pp"].get_group() if self.mesh is not None else None
+
     def host_sum(self, value: int) -> int:
         """Sum of a host integer over all ranks (over the gloo control group; no accelerator sync)."""
         if self.mesh is None:

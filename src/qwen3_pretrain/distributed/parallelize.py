@@ -11,7 +11,7 @@ batch, so N ranks equal one process. Parameter names stay HF's throughout.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 import torch
 from torch import nn
@@ -71,19 +71,24 @@ def parallelize_model(
 
 
 @torch.no_grad()
-def load_full_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
+def load_full_weights(
+    model: nn.Module,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    source: str,
+    held_elsewhere: Collection[str] = (),
+) -> None:
     """Copy full (unsharded) tensors, by HF name, into the model's parameters whatever their layout.
 
     Each rank keeps only its own slice of every tensor (no communication). A tied model ignores an
-    `lm_head.weight` in the stream. Missing or unexpected names, or a shape mismatch, raise
-    WeightLoadError naming `source`.
+    `lm_head.weight` in the stream, and tensors named in `held_elsewhere` (other pipeline stages')
+    are skipped. Missing or unexpected names, or a shape mismatch, raise WeightLoadError naming `source`.
     """
     params = dict(model.named_parameters())  # a tied LM head appears only as the embedding
     tied = LM_HEAD_KEY not in params and getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     loaded: set[str] = set()
     unexpected: list[str] = []
     for name, full in tensors:
-        if name == LM_HEAD_KEY and tied:
+        if name == LM_HEAD_KEY and tied or name in held_elsewhere:
             continue
         param = params.get(name)
         if param is None:

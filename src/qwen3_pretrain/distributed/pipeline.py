@@ -18,7 +18,8 @@ from __future__ import annotations
 import copy
 import itertools
 from dataclasses import dataclass
-from typing import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from qwen3_pretrain.model.config import Qwen3Config
 from qwen3_pretrain.model.qwen3 import IGNORE_INDEX, Qwen3ForCausalLM, Qwen3Model
+from qwen3_pretrain.train.optim import clip_grad_norm_ as clip_parameters
 
 PP_FLAG = "--pipeline-model-parallel-size"
 NUM_LAYER_LIST_FLAG = "--num-layer-list"
@@ -140,6 +142,39 @@ def split_into_stages(
     return stages
 
 
+# ---- this rank's stages as one module ------------------------------------------------------------
+
+
+class StagesView(nn.Module):
+    """This rank's stages seen as one Qwen3ForCausalLM-shaped module, for the optimizer and checkpoints.
+
+    Its parameters are the stages' own (shared, not copied) under their global HF names, so state
+    dicts of any pipeline layout line up with those of one process. A last stage's copy of a tied
+    embedding appears as `model.embed_tokens.weight` (as in a tied single-process model, it is
+    `lm_head.weight` too): saved under those names (DCP keeps one of the equal copies) and loaded
+    from them, which lets a checkpoint move between PP and non-PP layouts.
+    Not callable: run the stages through the pipeline schedule.
+    """
+
+    def __init__(self, stages: list[PipelineStageModule]) -> None:
+        super().__init__()
+        self.config = stages[0].config
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleDict()
+        for stage in stages:
+            self.model.layers.update(stage.model.layers)
+            for name in ("embed_tokens", "norm"):
+                if getattr(stage.model, name) is not None:
+                    setattr(self.model, name, getattr(stage.model, name))
+            if stage.holds_tied_head_copy():
+                self.model.embed_tokens = stage.lm_head
+            if stage.lm_head is not None:
+                self.lm_head = stage.lm_head
+
+    def forward(self, *args: Any) -> None:
+        raise TypeError("StagesView is not callable: run the pipeline stages through their schedule")
+
+
 # ---- tied embedding across the first and last stage -------------------------------------------------
 
 
@@ -203,21 +238,21 @@ def broadcast_tied_embedding(stages: list[PipelineStageModule], group: dist.Proc
 
 
 class TokenMeanLoss:
-    """Micro-batch loss = summed token cross entropy / tokens of the whole step (`num_tokens`, set per step).
+    """Micro-batch loss = summed token cross entropy x `scale` (set per step: 1 / tokens of the whole step).
 
-    The micro-batch losses then add up to the mean over all tokens of the step.
+    The micro-batch losses then add up to the mean over all tokens of the step (times a loss scale).
     """
 
     def __init__(self) -> None:
-        self.num_tokens: int | None = None
+        self.scale: float | None = None
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.num_tokens is None:
-            raise RuntimeError("TokenMeanLoss.num_tokens is unset: run steps through PipelineSchedule.step")
+        if self.scale is None:
+            raise RuntimeError("TokenMeanLoss.scale is unset: run steps through PipelineSchedule.step")
         summed = F.cross_entropy(
             logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )  # logits [b * s, vocab], labels [b * s]
-        return summed / self.num_tokens
+        return summed * self.scale
 
 
 @dataclass
@@ -229,29 +264,40 @@ class PipelineSchedule:
     loss_fn: TokenMeanLoss
     group: dist.ProcessGroup
 
-    def step(self, input_ids: torch.Tensor, labels: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
+    def step(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, num_tokens: float | None = None, loss_scale: float = 1.0
+    ) -> torch.Tensor:
         """Forward + backward of a batch [b, s] split into the micro batches; returns the mean loss on every pp rank.
 
         Every pp rank passes the same batch (the first stage reads input_ids, the last labels).
         `num_tokens` (the divisor of the summed token losses) defaults to the labels that are not
         -100 in this batch; with data parallel, whose gradient reduction averages over dp ranks, pass
-        the dp-global count / dp size to get the global token mean. The loss is computed inside
-        `loss_parallel()`, so vocab-sharded (tensor-parallel) logits work too.
+        the dp-global count / dp size to get the global token mean (with FSDP's sum reduction, the
+        dp-global count). Gradients are those of the loss x `loss_scale` (fp16 loss scaling); the
+        returned loss is unscaled. The loss is computed inside `loss_parallel()`, so vocab-sharded
+        (tensor-parallel) logits work too.
         """
         counted = int((labels != IGNORE_INDEX).sum()) if num_tokens is None else num_tokens
-        if counted < 1:
+        if counted <= 0:
             raise ValueError("the batch has no label other than -100: nothing to train on")
-        self.loss_fn.num_tokens = counted
-        has_first = any(stage.is_first for stage in self.stages)
-        has_last = any(stage.is_last for stage in self.stages)
+        return self._run(self.schedule.step, input_ids, labels, loss_scale / counted) * (1.0 / loss_scale)
+
+    @torch.no_grad()
+    def loss_sum(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Forward only (evaluation): the summed token loss of the batch [b, s], on every pp rank."""
+        return self._run(self.schedule.eval, input_ids, labels, 1.0)
+
+    def _run(self, run: Callable[..., Any], input_ids: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor:
+        """Run the schedule with micro-batch losses scaled by `scale`; their sum, broadcast from the last stage."""
+        self.loss_fn.scale = scale
         losses: list[torch.Tensor] = []
         with loss_parallel():
-            if has_first:
-                self.schedule.step(input_ids, target=labels, losses=losses, return_outputs=False)
+            if any(stage.is_first for stage in self.stages):
+                run(input_ids, target=labels, losses=losses, return_outputs=False)
             else:
-                self.schedule.step(target=labels, losses=losses, return_outputs=False)
-        if has_last:
-            total = torch.stack([_local(loss).detach() for loss in losses]).sum()
+                run(target=labels, losses=losses, return_outputs=False)
+        if any(stage.is_last for stage in self.stages):
+            total = torch.stack([_local(loss).detach().float() for loss in losses]).sum()
         else:
             total = torch.zeros((), device=self.stages[0].device)
         last_rank = dist.get_global_rank(self.group, dist.get_world_size(self.group) - 1)
@@ -299,12 +345,14 @@ def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def _norm_parameters(stages: list[nn.Module]) -> Iterable[nn.Parameter]:
-    """This rank's parameters, with a tied embedding counted once across the pipeline."""
+def norm_parameters(stages: list[nn.Module]) -> list[nn.Parameter]:
+    """This rank's parameters for the gradient norm: a tied embedding counts once across the pipeline."""
+    counted = []
     for stage in stages:
         is_copy = isinstance(stage, PipelineStageModule) and stage.holds_tied_head_copy()
         copy_of_embedding = stage.lm_head.weight if is_copy else None
-        yield from (p for p in stage.parameters() if p is not copy_of_embedding)
+        counted += [p for p in stage.parameters() if p is not copy_of_embedding]
+    return counted
 
 
 def clip_grad_norm_(
@@ -314,13 +362,6 @@ def clip_grad_norm_(
 
     Works for a plain (non-pipelined) model too: pass `[model]` and no group.
     """
-    grads = [p.grad for p in _norm_parameters(stages) if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-    if isinstance(norm, DTensor):
-        norm = norm.full_tensor()
-    if pp is not None and dist.get_world_size(_group_of(pp)) > 1:
-        squared = norm.pow(2)
-        dist.all_reduce(squared, group=_group_of(pp))
-        norm = squared.sqrt()
-    torch.nn.utils.clip_grads_with_norm_([p for stage in stages for p in stage.parameters()], max_norm, norm)
-    return norm
+    everything = [p for stage in stages for p in stage.parameters()]
+    group = _group_of(pp) if pp is not None else None
+    return clip_parameters(everything, max_norm, counted=norm_parameters(stages), group=group)

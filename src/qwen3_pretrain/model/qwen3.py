@@ -77,6 +77,17 @@ class Qwen3Model(nn.Module):
         return self.norm(h) if self.norm is not None else h
 
 
+def init_module_weights(root: nn.Module, std: float) -> None:
+    """Initialise every Linear/Embedding weight under `root` ~ normal(0, std), norms = 1, RoPE tables."""
+    if std <= 0:
+        raise ValueError(f"init std must be > 0, got {std}")
+    for module in root.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (RMSNorm, RotaryEmbedding)):
+            module.reset_parameters()
+
+
 class Qwen3ForCausalLM(nn.Module):
     """Qwen3 decoder + LM head; `state_dict()` keys equal HF's (plus `lm_head.weight` when tied).
 
@@ -109,14 +120,7 @@ class Qwen3ForCausalLM(nn.Module):
     @torch.no_grad()
     def init_weights(self, std: float | None = None) -> None:
         """Linear/Embedding weights ~ normal(0, std) (default config.initializer_range), norms = 1, RoPE tables."""
-        std = self.config.initializer_range if std is None else std
-        if std <= 0:
-            raise ValueError(f"init std must be > 0, got {std}")
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, (RMSNorm, RotaryEmbedding)):
-                module.reset_parameters()
+        init_module_weights(self, self.config.initializer_range if std is None else std)
 
     # ---- forward ---------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import torch
 
 from qwen3_pretrain.config import TrainConfig, schedule_steps
 from qwen3_pretrain.distributed.mesh import ParallelEnv
-from qwen3_pretrain.distributed.planner import DEVICE_SPECS, Layout, estimate_memory
+from qwen3_pretrain.distributed.planner import DEVICE_SPECS
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -171,9 +171,7 @@ def startup_summary(config: TrainConfig, env: ParallelEnv, compute_dtype: torch.
         dp_mode = "single process"
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(compute_dtype, "fp32")
     steps = schedule_steps(config, r.train_iters, r.global_batch_size)
-    layout = Layout(tp=env.tp, pp=env.pp, dp=env.dp, micro_batch_size=mbs, recompute=par.recompute_granularity or "none",
-                    sequence_parallel=par.sequence_parallel, shard=not par.no_shard)
-    memory = estimate_memory(cfg, layout, seq, compute_dtype_bytes=2 if compute_dtype != torch.float32 else 4).as_gib()
+    memory = config.memory_estimate().as_gib()
     parts = ", ".join(f"{k} {v:.2f}" for k, v in memory.items() if k != "total")
     opt = config.optimizer
     lines = [
@@ -192,6 +190,10 @@ def startup_summary(config: TrainConfig, env: ParallelEnv, compute_dtype: torch.
         f"betas ({opt.adam_beta1:g}, {opt.adam_beta2:g})",
         f"memory estimate per device: {memory['total']:.2f} GiB ({parts})",
     ]
+    if r.pipeline is not None:
+        stages = ", ".join(map(str, r.pipeline.stage_layers))
+        lines.append(f"pipeline: {r.pipeline.schedule} schedule, {r.pipeline.virtual_stages} stage(s) per rank, "
+                     f"decoder layers per stage {stages}")
     ignored = config.ignored + r.notes
     if ignored:
         lines.append(f"ignored (not needed here): {' '.join(ignored)}")

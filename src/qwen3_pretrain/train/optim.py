@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -62,13 +63,26 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def clip_grad_norm_(parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Global L2 norm of all gradients (over every shard and rank) as a device scalar; scale the
-    gradients by min(1, max_norm / (norm + 1e-6)) when max_norm > 0 (Megatron's clipping)."""
-    grads = [p.grad for p in parameters if p.grad is not None]
+def clip_grad_norm_(
+    parameters: list[nn.Parameter],
+    max_norm: float,
+    counted: list[nn.Parameter] | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """Global L2 norm of the gradients as a device scalar; scale `parameters`' gradients by
+    min(1, max_norm / (norm + 1e-6)) when max_norm > 0 (Megatron's clipping).
+
+    The norm is over the gradients of `counted` (default: `parameters`; a pipeline leaves out its copy
+    of a tied embedding) across every DTensor shard, and summed over `group` (the pipeline ranks).
+    """
+    grads = [p.grad for p in (parameters if counted is None else counted) if p.grad is not None]
     total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
     if isinstance(total, DTensor):
         total = total.full_tensor()
+    if group is not None and dist.get_world_size(group) > 1:
+        squared = total.pow(2)
+        dist.all_reduce(squared, group=group)
+        total = squared.sqrt()
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total, foreach=True)
     return total

@@ -38,7 +38,19 @@ from qwen3_pretrain.config import TrainConfig
 from qwen3_pretrain.distributed.device import device_type
 from qwen3_pretrain.distributed.mesh import ParallelEnv, init_parallel, shutdown_parallel
 from qwen3_pretrain.distributed.parallelize import load_full_weights, parallelize_model
-from qwen3_pretrain.model.qwen3 import IGNORE_INDEX, Qwen3ForCausalLM
+from qwen3_pretrain.distributed.pipeline import (
+    PipelineSchedule,
+    PipelineStageModule,
+    StagesView,
+    broadcast_tied_embedding,
+    build_pipeline_schedule,
+    norm_parameters,
+    split_into_stages,
+    sync_tied_embedding_grads,
+    tied_embedding_group,
+)
+from qwen3_pretrain.model.config import Qwen3Config
+from qwen3_pretrain.model.qwen3 import IGNORE_INDEX, Qwen3ForCausalLM, init_module_weights
 from qwen3_pretrain.train.metrics import (
     IterationLog,
     MetricsWriter,
@@ -147,48 +159,89 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(config: TrainConfig, env: ParallelEnv) -> Qwen3ForCausalLM:
-    """Meta model -> parallelize -> to_empty -> tie -> initial weights (init, or HF / mcore weights)."""
+@dataclass
+class Pipeline:
+    """This rank's pipeline stages, the schedule running them and the group syncing a tied embedding."""
+
+    stages: list[PipelineStageModule]
+    schedule: PipelineSchedule
+    tied_group: dist.ProcessGroup | None
+
+
+def build_model(config: TrainConfig, env: ParallelEnv) -> tuple[nn.Module, Pipeline | None]:
+    """Meta model -> (pipeline split) -> parallelize -> to_empty -> tie -> initial weights (init, HF or mcore).
+
+    Returns the module holding this rank's parameters under their global HF names (the model, or a
+    `StagesView` of its pipeline stages) and, with PP > 1, the pipeline that runs the stages.
+    """
     resolved = config.require_resolved()
-    cfg = resolved.model_config
+    cfg, layout = resolved.model_config, resolved.pipeline
     with torch.device("meta"):
         model = Qwen3ForCausalLM(cfg)
+    parts: list[nn.Module] = [model]
+    if layout is not None:
+        parts = split_into_stages(model, env.pp_rank, env.pp, layout.stage_layers, layout.virtual_stages)
     par = config.parallel
-    parallelize_model(
-        model, env, compute_dtype_of(config), sequence_parallel=par.sequence_parallel,
-        recompute_granularity=par.recompute_granularity, compile_blocks=par.compile, shard=not par.no_shard,
-    )
-    model.to_empty(device=env.device)
-    model.tie_weights()  # to_empty gives embed_tokens and lm_head separate parameters
-    model.model.rotary_emb.reset_parameters()
+    for part in parts:
+        parallelize_model(
+            part, env, compute_dtype_of(config), sequence_parallel=par.sequence_parallel,
+            recompute_granularity=par.recompute_granularity, compile_blocks=par.compile, shard=not par.no_shard,
+        )
+        part.to_empty(device=env.device)
+        part.model.rotary_emb.reset_parameters()
+    if layout is None:
+        model.tie_weights()  # to_empty gives embed_tokens and lm_head separate parameters
+        held, elsewhere = model, frozenset[str]()
+    else:
+        held = StagesView(parts)
+        elsewhere = frozenset(n for n, _ in model.named_parameters()) - {n for n, _ in held.named_parameters()}
+    _load_initial_weights(held, config, env, elsewhere)
+    if layout is None:
+        return model, None
+    tied_group = tied_embedding_group(parts, env.pp_group)
+    broadcast_tied_embedding(parts, tied_group)
+    schedule = build_pipeline_schedule(parts, env.pp_group, resolved.num_microbatches, schedule=layout.schedule)
+    return held, Pipeline(parts, schedule, tied_group)
+
+
+def _load_initial_weights(model: nn.Module, config: TrainConfig, env: ParallelEnv, elsewhere: frozenset[str]) -> None:
+    """HF or mcore weights from --load, or a random init (a native checkpoint overwrites every weight later)."""
+    resolved = config.require_resolved()
     load, fmt = config.checkpoint.load, resolved.load_format
     if fmt == "hf":
         from qwen3_pretrain.checkpoint.hf import iter_hf_tensors
 
-        load_full_weights(model, iter_hf_tensors(load, torch.float32), f"--load {load}")
+        load_full_weights(model, iter_hf_tensors(load, torch.float32), f"--load {load}", elsewhere)
     elif fmt == "mcore":
         from qwen3_pretrain.checkpoint.mcore import iter_mcore_as_hf
 
-        _, _, tensors = iter_mcore_as_hf(load, config=cfg)
-        load_full_weights(model, tensors, f"--load {load}")
-    elif fmt != "native":  # a native checkpoint overwrites every weight later
-        _init_weights(model, env, config.training.seed)
-    return model
+        _, _, tensors = iter_mcore_as_hf(load, config=resolved.model_config)
+        load_full_weights(model, tensors, f"--load {load}", elsewhere)
+    elif fmt != "native":
+        _init_weights(model, env, config.training.seed, resolved.model_config, elsewhere)
 
 
-def _init_weights(model: Qwen3ForCausalLM, env: ParallelEnv, seed: int) -> None:
+def _init_weights(
+    model: nn.Module, env: ParallelEnv, seed: int, cfg: Qwen3Config, elsewhere: frozenset[str]
+) -> None:
     """Random init with `seed`. On CPU meshes (where DTensor has no distributed RNG) every rank builds
-    the same full model and keeps its slices, so any layout starts from the single-process weights."""
+    the same full model and keeps its slices, so any layout starts from the single-process weights.
+    On accelerators each pipeline rank draws its own stages' weights from its own seed."""
     torch.manual_seed(seed)
     if env.mesh is None or device_type() != "cpu":
-        model.init_weights()
+        if env.pp > 1:
+            from torch.distributed.tensor import _random as dtensor_random
+
+            dtensor_random.manual_seed(seed + env.pp_rank, env.mesh)  # no RNG state sync across pp ranks
+            torch.manual_seed(seed + env.pp_rank)
+        init_module_weights(model, cfg.initializer_range)
         return
     with torch.device("meta"):
-        full = Qwen3ForCausalLM(model.config)
+        full = Qwen3ForCausalLM(cfg)
     full.to_empty(device="cpu")
     full.tie_weights()
     full.init_weights()
-    load_full_weights(model, full.named_parameters(), "the initial weights")
+    load_full_weights(model, full.named_parameters(), "the initial weights", elsewhere)
 
 
 class Trainer:
@@ -199,8 +252,10 @@ class Trainer:
         self.resolved = config.require_resolved()
         self.compute_dtype = compute_dtype_of(config)
         seed_everything(config.training.seed)
-        self.model = build_model(config, env)
+        self.model, self.pipeline = build_model(config, env)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        stages = self.pipeline.stages if self.pipeline is not None else [self.model]
+        self.norm_params = [p for p in norm_parameters(stages) if p.requires_grad]
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = build_scheduler(self.optimizer, config)
         self.scaler = build_loss_scaler(config, env.device)
@@ -323,20 +378,36 @@ class Trainer:
         with self._autocast():
             return token_loss_sum(self.model, tokens, labels, positions)
 
-    def train_step(self, batches: list[dict[str, torch.Tensor]]) -> _Pending:
-        """Forward/backward every micro batch, clip, and update unless the gradients are not finite."""
-        tokens = self._global_tokens(batches)
-        divisor = float(max(tokens, 1))
+    def _stacked(self, batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and labels of the micro batches, stacked for the pipeline schedule: [n * b, s] each."""
+        pairs = [self._to_device(batch)[:2] for batch in batches]
+        return torch.cat([t for t, _ in pairs]), torch.cat([lab for _, lab in pairs])
+
+    def _forward_backward(self, batches: list[dict[str, torch.Tensor]], divisor: float) -> torch.Tensor:
+        """Gradients of (summed token loss / divisor) x loss scale over the micro batches; returns the loss sum."""
+        loss_scale = self.scaler.scale if self.scaler is not None else 1.0
+        if self.pipeline is not None:
+            tokens, labels = self._stacked(batches)
+            mean = self.pipeline.schedule.step(tokens, labels, num_tokens=divisor, loss_scale=loss_scale)
+            sync_tied_embedding_grads(self.pipeline.stages, self.pipeline.tied_group)
+            return mean * divisor
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.env.device)
         for batch in batches:
             with self._loss_parallel():
                 loss = self._forward_loss(batch)
-                scale = self.scaler.scale / divisor if self.scaler is not None else 1.0 / divisor
-                (loss * scale).backward()
+                (loss * (loss_scale / divisor)).backward()
             loss_sum += _plain(loss.detach())
+        return loss_sum
+
+    def train_step(self, batches: list[dict[str, torch.Tensor]]) -> _Pending:
+        """Forward/backward every micro batch, clip, and update unless the gradients are not finite."""
+        tokens = self._global_tokens(batches)
+        loss_sum = self._forward_backward(batches, float(max(tokens, 1)))
         if self.scaler is not None:
             scale_grads_(self.params, 1.0 / self.scaler.scale)
-        grad_norm = clip_grad_norm_(self.params, self.config.optimizer.clip_grad)
+        grad_norm = clip_grad_norm_(
+            self.params, self.config.optimizer.clip_grad, counted=self.norm_params, group=self.env.pp_group
+        )
         found_inf = (~torch.isfinite(grad_norm)).float()
         lr = self.optimizer.param_groups[0]["lr"]
         step_unless_nonfinite(self.optimizer, found_inf)
@@ -422,14 +493,19 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, dataset: Any, consumed: int, label: str) -> float:
         """Mean token loss over `--eval-iters` global batches of `dataset` from sample `consumed`."""
-        per_rank = self.config.logging.eval_iters * self.resolved.num_microbatches
+        steps, per_step = self.config.logging.eval_iters, self.resolved.num_microbatches
         batches = self._micro_batches(dataset, consumed, cyclic=True)
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.env.device)
         local_tokens = 0
-        for _, batch in zip(range(per_rank), batches):
-            with self._loss_parallel():
-                loss_sum += _plain(self._forward_loss(batch))
-            local_tokens += int(batch["loss_mask"].sum())
+        for _ in range(steps):
+            step_batches = [next(batches) for _ in range(per_step)]
+            if self.pipeline is not None:
+                loss_sum += self.pipeline.schedule.loss_sum(*self._stacked(step_batches))
+            else:
+                for batch in step_batches:
+                    with self._loss_parallel():
+                        loss_sum += _plain(self._forward_loss(batch))
+            local_tokens += sum(int(batch["loss_mask"].sum()) for batch in step_batches)
         if self.env.dp_group is not None and self.env.dp > 1:
             dist.all_reduce(loss_sum, group=self.env.dp_group)
         tokens = self.env.host_sum(local_tokens) // (self.env.tp * self.env.pp)
