@@ -34,3 +34,25 @@ def run_as_torchrun(script: str, nproc: int, out_dir: Path, timeout: int = 300) 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "QWEN3_PRETRAIN_DEVICE": "cpu"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def join_gloo_group(rank: int, world: int, port: int) -> None:
+    """In an `mp.spawn` worker: one thread, and the gloo group of `world` ranks on loopback `port`."""
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def leave_gloo_group() -> NoReturn:
+    """End an `mp.spawn` worker: barrier, destroy the group, and leave without interpreter teardown (see exit_after)."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -6,20 +6,17 @@ batches hold different numbers of loss tokens)."""
 from __future__ import annotations
 
 import json
-import os
 import socket
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from qwen3_pretrain.cli import main
 from qwen3_pretrain.config import parse_train_args
 from qwen3_pretrain.train.trainer import run_training
+from distributed_helpers import join_gloo_group, leave_gloo_group
 from test_train_loop import GBS, tiny_flags, write_tiny_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,19 +38,12 @@ def _free_port() -> int:
 
 def _worker(rank: int, port: int, data: str, out: str) -> None:
     """One rank: join the group, run every case, write rank 0's losses, leave per the gloo trap."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    join_gloo_group(rank, WORLD, port)
     losses = {name: run_training(parse_train_args(tiny_flags(data, train_iters=ITERS, **flags), world_size=WORLD)).losses
               for name, flags in CASES.items()}
     if rank == 0:
         Path(out).write_text(json.dumps(losses))
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_gloo_group()
 
 
 @pytest.fixture(scope="module")

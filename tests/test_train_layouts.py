@@ -1,8 +1,8 @@
 """Every parallel layout trains like one process, and checkpoints move between layouts.
 
 Per-iteration loss and gradient norm (and the final validation loss) of pipeline parallel (1F1B,
-GPipe, interleaved 1F1B, uneven `--num-layer-list`, untied embeddings), tensor parallel (with and
-without sequence parallel) and their 4-process combinations with data parallel equal a single
+GPipe, interleaved 1F1B, uneven `--num-layer-list`, untied embeddings, HF weights loaded into the
+stages), tensor parallel (with and without sequence parallel) and their 4-process combinations equal a single
 process within 1e-5 relative over 5 iterations: fp32, a 4-layer qwen3-tiny, loss tokens masked at
 document ends so micro batches count different numbers of tokens. A checkpoint saved at TP=2
 resumes at PP=2 and in one process, and a PP=2 checkpoint (with its copy of the tied embedding) in
@@ -11,19 +11,20 @@ one process, with the losses of the uninterrupted run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from qwen3_pretrain.config import parse_train_args
+from qwen3_pretrain.model.config import get_preset
+from qwen3_pretrain.model.qwen3 import Qwen3ForCausalLM
 from qwen3_pretrain.train.trainer import TrainResult, run_training
+from distributed_helpers import join_gloo_group, leave_gloo_group
 from test_train_dp import _free_port
 from test_train_loop import tiny_flags, write_tiny_dataset
 
@@ -58,10 +59,7 @@ def _summary(result: TrainResult) -> dict[str, Any]:
 
 def _worker(rank: int, world: int, port: int, data: str, ckpt: str, out: str) -> None:
     """One rank: run every case of this world size (and, with 2 ranks, the checkpoint moves); rank 0 writes results."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_gloo_group(rank, world, port)
     cases = TWO_PROCESS_CASES if world == 2 else FOUR_PROCESS_CASES
     results = {name: _summary(run_training(parse_train_args(_flags(data, **flags), world_size=world)))
                for name, flags in cases.items()}
@@ -71,13 +69,11 @@ def _worker(rank: int, world: int, port: int, data: str, ckpt: str, out: str) ->
             run_training(parse_train_args(_flags(data, save=save, save_interval=SAVE_AT, **flags), world_size=world))
         resumed = _flags(data, load=Path(ckpt) / "TP2" / f"iter_{SAVE_AT:07d}", **TWO_PROCESS_CASES["PP 2, 1F1B"])
         results["TP 2 -> PP 2"] = _summary(run_training(parse_train_args(resumed, world_size=world)))
+    from_hf = _flags(data, load=Path(ckpt) / "hf", pipeline_model_parallel_size=2, tensor_model_parallel_size=world // 2)
+    results[f"PP 2 x TP {world // 2}, from HF"] = _summary(run_training(parse_train_args(from_hf, world_size=world)))
     if rank == 0:
         Path(out).write_text(json.dumps(results))
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_gloo_group()
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +81,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Single-process references (tied and untied) and the results of every multi-process layout."""
     root = tmp_path_factory.mktemp("layouts")
     data = write_tiny_dataset(root / "tiny_text_document")
+    torch.manual_seed(3)
+    Qwen3ForCausalLM(dataclasses.replace(get_preset("qwen3-tiny"), num_hidden_layers=4)).save_pretrained(root / "ckpt" / "hf")
     results = {"one process": _summary(run_training(parse_train_args(_flags(data)))),
-               "one process, untied": _summary(run_training(parse_train_args(_flags(data, **UNTIED))))}
+               "one process, untied": _summary(run_training(parse_train_args(_flags(data, **UNTIED)))),
+               "one process, from HF": _summary(run_training(parse_train_args(_flags(data, load=root / "ckpt" / "hf"))))}
     for world in (2, 4):
         out = root / f"world{world}.json"
         mp.spawn(_worker, args=(world, _free_port(), data, str(root / "ckpt"), str(out)), nprocs=world, join=True)
@@ -103,10 +102,11 @@ def _assert_close(ours: list[float], reference: list[float], what: str) -> None:
         assert abs(a - b) <= 1e-5 * abs(b), f"{what}, value {i + 1}: {a} vs one process {b}"
 
 
-@pytest.mark.parametrize("name", [*TWO_PROCESS_CASES, *FOUR_PROCESS_CASES])
+@pytest.mark.parametrize("name", [*TWO_PROCESS_CASES, *FOUR_PROCESS_CASES, "PP 2 x TP 1, from HF", "PP 2 x TP 2, from HF"])
 def test_layout_equals_one_process(runs: dict[str, Any], name: str) -> None:
     ours = runs[name]
-    reference = runs["one process, untied" if "untied" in name else "one process"]
+    variant = next((v for v in ("untied", "from HF") if v in name), None)
+    reference = runs["one process" + (f", {variant}" if variant else "")]
     assert ours["iterations"] == list(range(1, ITERS + 1))
     for key in ("losses", "grad_norms", "validation"):
         _assert_close(ours[key], reference[key], f"{name}: {key}")
