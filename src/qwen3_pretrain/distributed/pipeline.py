@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import itertools
 from dataclasses import dataclass
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
