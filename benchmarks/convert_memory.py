@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -109,7 +110,10 @@ def main() -> int:
     for name, r in rows.items():
         print(f"{name:<24} {r['wall_s']:7.1f} {r['peak_rss_gb']:12.2f} {r['peak_rss_gb'] / model_gb:8.2f} "
               f"{r['peak_anon_gb']:8.2f} {r['peak_file_gb']:8.2f}")
-    result = {"preset": args.preset, "parameters": config.num_parameters(), "model_gb": model_gb, "runs": rows}
+    machine = {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+               "memory_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, "torch": torch.__version__}
+    result = {"preset": args.preset, "parameters": config.num_parameters(), "model_gb": model_gb, "machine": machine,
+              "runs": rows}
     print(json.dumps(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
