@@ -8,6 +8,7 @@ import pytest
 
 from qwen3_pretrain.distributed.planner import (
     GIB,
+    RECOMPUTE_CHOICES,
     Layout,
     enumerate_layouts,
     estimate_memory,
@@ -56,12 +57,48 @@ def test_activations_scale_with_tokens_and_shrink_with_tp_sp_and_recompute() -> 
     assert estimate_memory(cfg, Layout(1, 1, 8, 2), 4096).activations == pytest.approx(2 * base)
     assert estimate_memory(cfg, Layout(1, 1, 8, 1), 2048).activations == pytest.approx(base / 2)
     tp_sp = estimate_memory(cfg, Layout(2, 1, 4, 1, sequence_parallel=True), 4096).activations
-    assert tp_sp == pytest.approx(base / 2)
     tp_only = estimate_memory(cfg, Layout(2, 1, 4, 1), 4096).activations
-    assert base / 2 < tp_only < base
+    assert base / 2 < tp_sp < tp_only < base  # the linears keep the all-gathered norm outputs
     selective = estimate_memory(cfg, Layout(1, 1, 8, 1, "selective"), 4096).activations
     full = estimate_memory(cfg, Layout(1, 1, 8, 1, "full"), 4096).activations
     assert full < selective < base
+
+
+def test_peak_holds_the_loss_or_one_block_backward_not_both() -> None:
+    cfg = get_preset("qwen3-1.7b")
+    for recompute in RECOMPUTE_CHOICES:
+        mem = estimate_memory(cfg, Layout(1, 1, 8, 1, recompute), 4096, loss_chunk_tokens=1024)
+        state = mem.weights + mem.gradients + mem.optimizer
+        assert mem.total == pytest.approx(state + mem.activations + max(mem.logits, mem.backward) + mem.overhead)
+    full = estimate_memory(cfg, Layout(1, 1, 8, 1, "full"), 4096)
+    assert full.backward > estimate_memory(cfg, Layout(1, 1, 8, 1), 4096).backward  # the recomputed block
+
+
+def test_chunked_loss_holds_at_most_two_chunks_of_logits_and_only_without_tp() -> None:
+    cfg = get_preset("qwen3-1.7b")
+    plain = estimate_memory(cfg, Layout(1, 1, 8, 4), 4096).logits
+    chunked = [estimate_memory(cfg, Layout(1, 1, 8, mbs), 4096, loss_chunk_tokens=1024).logits for mbs in (1, 4)]
+    assert chunked[1] < plain / 4
+    # a larger micro batch adds only its final norm and hidden-state gradient, not logits
+    per_token = (4 + 2 * 2) * cfg.hidden_size + 2 * cfg.hidden_size
+    assert chunked[1] - chunked[0] == pytest.approx(3 * 4096 * per_token)
+    tp = Layout(2, 1, 4, 1, sequence_parallel=True)
+    assert estimate_memory(cfg, tp, 4096, loss_chunk_tokens=1024).logits == estimate_memory(cfg, tp, 4096).logits
+
+
+def test_compute_copies_of_the_weights() -> None:
+    cfg = get_preset("qwen3-1.7b")
+    params = cfg.num_parameters()
+    fp32 = estimate_memory(cfg, Layout(1, 1, 1, 1), 4096, compute_dtype_bytes=4)
+    assert fp32.weights == pytest.approx(4 * params)  # one process computes on the master weights
+    autocast = estimate_memory(cfg, Layout(1, 1, 1, 1), 4096)
+    assert autocast.weights == pytest.approx(6 * params)  # + autocast's bf16 copy of every weight
+    replicated = estimate_memory(cfg, Layout(1, 1, 8, 1, shard=False), 4096)
+    assert replicated.weights == pytest.approx(6 * params)
+    sharded = estimate_memory(cfg, Layout(1, 1, 8, 1), 4096)
+    root = cfg.vocab_size * cfg.hidden_size + cfg.hidden_size  # tied embedding + final norm
+    block = (params - root) / cfg.num_hidden_layers
+    assert sharded.weights == pytest.approx(4 * params / 8 + 2 * (root + 2 * block))  # + unsharded bf16 root, 2 blocks
 
 
 def test_pipeline_bubble_and_tp_traffic_slow_the_step() -> None:

@@ -1,14 +1,21 @@
 """Layout planner: memory per device and step time for (tp, pp, dp, micro batch, recompute) layouts.
 
-The memory model counts what our implementation keeps alive, per device:
+The memory model counts what our implementation keeps alive at the peak of a step, per device:
 - weights, gradients and AdamW states of the device's parameters: fp32 master weights + fp32 grads
-  + two fp32 moments, sharded over dp by FSDP2 (replicated with `no_shard`), plus the bf16 copy of
-  the largest layer that FSDP gathers for compute (two in flight: one computing, one prefetched);
+  + two fp32 moments, sharded over dp by FSDP2 (replicated with `no_shard`), plus the compute
+  copies: FSDP2's unsharded root parameters (embedding, head, final norm; kept from forward to the
+  end of backward) and two unsharded blocks (one computing, one prefetched); with `no_shard`,
+  FSDP2's replicate keeps the unsharded copy of every weight through the step, and one process
+  with bf16/fp16 autocast a cast copy of every weight;
 - activations saved for backward, per token and layer, counted tensor by tensor for our Qwen3
   block (see `_layer_activation_bytes`), times the tokens in flight: micro batch x seq for each of
   the `pp - stage` micro batches 1F1B keeps in flight on the first stage;
-- the LM head's logits and cross-entropy buffers on the last stage (vocab sharded by tp);
-- a fixed runtime overhead (allocator slack, communication buffers).
+- then the larger of two phases that never overlap: the loss (`logits`: final norm, LM head and
+  cross-entropy buffers on the last stage, see `_loss_bytes`) and the backward of one block
+  (`backward`: the recomputed block under recompute plus its MLP gradients);
+- a fixed runtime overhead (allocator slack, communication buffers, device context).
+Gradients count as alive during the forward, as they are from the second micro batch of a step with
+gradient accumulation on (with one micro batch per step the estimate is an upper bound).
 The step-time model is FLOPs / (peak x efficiency) + the tensor-parallel all-reduces that cannot
 overlap + the pipeline bubble; data-parallel traffic is assumed overlapped except the last layer's.
 """
@@ -62,13 +69,16 @@ class MemoryEstimate:
     weights: float
     gradients: float
     optimizer: float
-    activations: float
-    logits: float
+    activations: float  # saved for backward by every block
+    logits: float  # final norm, LM head and loss: alive during the loss only
     overhead: float
+    backward: float = 0.0  # one block's backward working set (recomputed activations, MLP gradients)
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.logits + self.overhead
+        """The peak: the loss and one block's backward never hold their buffers at the same time."""
+        state = self.weights + self.gradients + self.optimizer
+        return state + self.activations + max(self.logits, self.backward) + self.overhead
 
     def as_gib(self) -> dict[str, float]:
         fields = {f.name: getattr(self, f.name) / GIB for f in dataclasses.fields(self)}
@@ -82,50 +92,104 @@ def _layer_params(cfg: Qwen3Config) -> int:
     return 2 * h * q + 2 * h * kv + 2 * d + 3 * h * cfg.intermediate_size + 2 * h
 
 
+def _head_params(cfg: Qwen3Config, layout: Layout) -> int:
+    """Parameters outside the blocks on the most loaded stage: embedding, LM head, final norm."""
+    embedding = cfg.vocab_size * cfg.hidden_size
+    if layout.pp == 1:
+        return embedding * (1 if cfg.tie_word_embeddings else 2) + cfg.hidden_size
+    return embedding + cfg.hidden_size  # the last stage: the LM head (its own copy when tied) + final norm
+
+
 def _stage_params(cfg: Qwen3Config, layout: Layout) -> float:
     """Parameters held by the most loaded device (first stage; last stage when it is heavier)."""
     layers = math.ceil(cfg.num_hidden_layers / layout.pp)
-    embedding = cfg.vocab_size * cfg.hidden_size
-    body = layers * _layer_params(cfg)
-    if layout.pp == 1:
-        heads = embedding * (1 if cfg.tie_word_embeddings else 2) + cfg.hidden_size
-    else:  # the last stage holds the LM head (its own copy when tied) + final norm
-        heads = embedding + cfg.hidden_size
-    return (body + heads) / layout.tp
+    return (layers * _layer_params(cfg) + _head_params(cfg, layout)) / layout.tp
+
+
+def _norm_bytes(cfg: Qwen3Config, layout: Layout, compute_bytes: int) -> float:
+    """Bytes per token an RMSNorm feeding column-parallel linears keeps for backward.
+
+    The norm keeps its fp32 input and its normalised output (4 + c bytes per element) and the
+    linears keep its scaled output (c). With sequence parallelism the norm runs on the local
+    sequence shard, but the linears keep the all-gathered, full-sequence output.
+    """
+    c, h = compute_bytes, cfg.hidden_size
+    if layout.sequence_parallel:
+        return (4 + c) * h / layout.tp + c * h
+    return (4 + 2 * c) * h
 
 
 def _layer_activation_bytes(cfg: Qwen3Config, layout: Layout, compute_bytes: int) -> float:
     """Bytes saved for backward per token by one block, as our Qwen3 block computes it.
 
-    RMSNorm keeps its fp32 input and its normalised output (4 + c bytes per element) and the
-    following linear keeps the scaled output (c); q/k norms likewise on q and k; attention keeps
-    q, k, v (after RoPE) and its output; the MLP keeps gate, up, silu(gate) and their product.
-    Norm terms are split by tp only with sequence parallelism.
+    The two block norms (`_norm_bytes`); q/k norms keep their fp32 input and normalised output on
+    q and k; attention keeps q, k (after RoPE), v and its output; the MLP keeps gate, up,
+    silu(gate) and their product. Heads and FFN are split by tp.
     """
     c = compute_bytes
-    h = cfg.hidden_size
     q = cfg.num_attention_heads * cfg.head_dim
     kv = cfg.num_key_value_heads * cfg.head_dim
-    f = cfg.intermediate_size
-    norms = 2 * (4 + 2 * c) * h  # input_layernorm + post_attention_layernorm (+ the linear inputs)
     qk_norms = (4 + c) * (q + kv)
     attention = c * (2 * q + 2 * kv)
-    mlp = 4 * c * f
-    tp = layout.tp
-    sharded = (qk_norms + attention + mlp) / tp
-    return sharded + (norms / tp if layout.sequence_parallel else norms)
+    mlp = 4 * c * cfg.intermediate_size
+    return (qk_norms + attention + mlp) / layout.tp + 2 * _norm_bytes(cfg, layout, compute_bytes)
 
 
-def _recomputed_layer_bytes(cfg: Qwen3Config, layout: Layout, compute_bytes: int) -> float:
+def _projection_bytes(cfg: Qwen3Config, layout: Layout, compute_bytes: int) -> float:
+    """Bytes per token of a block's input and its q, k, v, gate and up projection outputs: what a
+    selective-recompute block keeps (`recompute._SAVED_OPS`) that the full block keeps too."""
+    q = cfg.num_attention_heads * cfg.head_dim
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    block_input = cfg.hidden_size / (layout.tp if layout.sequence_parallel else 1)
+    return compute_bytes * (block_input + (q + 2 * kv + 2 * cfg.intermediate_size) / layout.tp)
+
+
+def _saved_layer_bytes(cfg: Qwen3Config, layout: Layout, compute_bytes: int) -> float:
     """Bytes per token per block that survive to backward under the layout's recompute setting."""
-    full = _layer_activation_bytes(cfg, layout, compute_bytes)
     if layout.recompute == "full":  # only the block input is kept
         return compute_bytes * cfg.hidden_size / (layout.tp if layout.sequence_parallel else 1)
-    if layout.recompute == "selective":  # attention core and MLP activation are recomputed
-        saved_mlp = 2 * compute_bytes * cfg.intermediate_size / layout.tp
-        attention = compute_bytes * (2 * cfg.num_attention_heads * cfg.head_dim) / layout.tp
-        return full - saved_mlp - attention
-    return full
+    if layout.recompute == "selective":  # + the o_proj and down_proj outputs (partial sums under tp)
+        return _projection_bytes(cfg, layout, compute_bytes) + 2 * compute_bytes * cfg.hidden_size
+    return _layer_activation_bytes(cfg, layout, compute_bytes)
+
+
+def _backward_bytes(cfg: Qwen3Config, layout: Layout, compute_bytes: int) -> float:
+    """Bytes per token a block's backward adds to the saved activations: the gradients of two MLP
+    intermediates at once, plus what recompute rematerialises (the whole block under full recompute,
+    all but the kept projection outputs under selective)."""
+    mlp_grads = 2 * compute_bytes * cfg.intermediate_size / layout.tp
+    full = _layer_activation_bytes(cfg, layout, compute_bytes)
+    if layout.recompute == "full":
+        return mlp_grads + full
+    if layout.recompute == "selective":
+        return mlp_grads + full - _projection_bytes(cfg, layout, compute_bytes)
+    return mlp_grads
+
+
+def _loss_bytes(
+    cfg: Qwen3Config, layout: Layout, compute_bytes: int, tokens: int, loss_chunk_tokens: int | None
+) -> float:
+    """Bytes alive on the last stage during the loss of one micro batch of `tokens` tokens.
+
+    The final norm (`_norm_bytes`, its output kept by the LM head), then either the chunked LM
+    head + loss (`model.loss`, used without tp: a vocab-sharded head takes the plain path) or the
+    plain path. Chunked, per (token, word) of a chunk: the float32 logits and logsumexp's float32
+    temporary, and from the second chunk on also the previous chunk's logits, which the loop still
+    holds while the next chunk's matmul runs (8 or 12 bytes, in bf16 as in fp32); plus the gradients
+    it computes in the forward: the LM-head weight's (float32) and the hidden states' (compute dtype).
+    Plain, per (token, local word), at the start of backward: the saved float32 log-softmax, the
+    buffer nll_loss scatters into and the log-softmax gradient (12 bytes), plus the exp() temporary
+    of `loss_parallel`'s backward under tp or, in bf16, the gradient's cast to the logits' dtype.
+    """
+    c, h = compute_bytes, cfg.hidden_size
+    final_norm = _norm_bytes(cfg, layout, c) * tokens
+    vocab = cfg.vocab_size / layout.tp
+    if loss_chunk_tokens is None or layout.tp > 1:
+        per_logit = 12 + (4 if layout.tp > 1 else 0) + (c if c != 4 else 0)
+        return final_norm + per_logit * tokens * vocab
+    chunk = min(tokens, loss_chunk_tokens)
+    per_logit = 8 if tokens <= loss_chunk_tokens else 12
+    return final_norm + per_logit * chunk * vocab + 4 * vocab * h + c * tokens * h
 
 
 def estimate_memory(
@@ -143,25 +207,27 @@ def estimate_memory(
     weight/gradient element (fp32 = 4). loss_chunk_tokens: tokens per LM-head chunk when the loss is
     computed in chunks (None = all tokens of the micro batch at once).
     """
+    c = compute_dtype_bytes
     params = _stage_params(cfg, layout)
     shard = layout.dp if layout.shard else 1
     weights = master_bytes * params / shard
     gradients = master_bytes * params / shard
     optimizer = 8 * params / shard
-    if layout.shard and layout.dp > 1 or compute_dtype_bytes != master_bytes:
-        # bf16 (or gathered) copies of the block being computed and the prefetched one
-        weights += 2 * compute_dtype_bytes * _layer_params(cfg) / layout.tp
+    if layout.world_size == 1:
+        if c != master_bytes:  # autocast caches a cast copy of every weight, and backward keeps it
+            weights += c * params
+    elif not layout.shard:  # FSDP2's replicate keeps every unsharded compute copy from forward to backward
+        weights += c * params
+    else:  # FSDP2 gathers unsharded compute copies (even over one dp rank): the root's, kept until the
+        # end of backward, and two blocks' (one computing, one prefetched)
+        weights += c * (_head_params(cfg, layout) + 2 * _layer_params(cfg)) / layout.tp
     tokens = layout.micro_batch_size * seq_length
     layers_per_stage = math.ceil(cfg.num_hidden_layers / layout.pp)
     in_flight = layout.pp  # 1F1B: the first stage holds pp micro batches
-    per_layer = _recomputed_layer_bytes(cfg, layout, compute_dtype_bytes)
-    activations = per_layer * tokens * layers_per_stage * in_flight
-    if layout.recompute == "full":  # one block is rematerialised at a time during backward
-        activations += _layer_activation_bytes(cfg, layout, compute_dtype_bytes) * tokens
-    head_tokens = tokens if loss_chunk_tokens is None else min(tokens, loss_chunk_tokens)
-    # logits in compute dtype, their fp32 copy and fp32 log-softmax (+ grad of the same size)
-    logits = head_tokens * cfg.vocab_size / layout.tp * (compute_dtype_bytes + 4 + 4)
-    return MemoryEstimate(weights, gradients, optimizer, activations, logits, overhead_bytes)
+    activations = _saved_layer_bytes(cfg, layout, c) * tokens * layers_per_stage * in_flight
+    logits = _loss_bytes(cfg, layout, c, tokens, loss_chunk_tokens)
+    backward = _backward_bytes(cfg, layout, c) * tokens
+    return MemoryEstimate(weights, gradients, optimizer, activations, logits, overhead_bytes, backward)
 
 
 @dataclass(frozen=True)
@@ -289,8 +355,8 @@ def parse_size(text: str) -> float:
 def format_table(rows: list[PlanRow], limit: int | None = None) -> str:
     """A fixed-width table of plan rows."""
     header = (
-        f"{'tp':>3} {'pp':>3} {'dp':>3} {'mbs':>4} {'recompute':>10} | {'weights':>8} {'grads':>7} "
-        f"{'optim':>7} {'activ':>7} {'logits':>7} {'total':>7} GiB | {'step s':>7} {'tok/s':>9} {'MFU':>5} | fits"
+        f"{'tp':>3} {'pp':>3} {'dp':>3} {'mbs':>4} {'recompute':>10} | {'weights':>8} {'grads':>7} {'optim':>7} "
+        f"{'activ':>7} {'logits':>7} {'bwd':>7} {'total':>7} GiB | {'step s':>7} {'tok/s':>9} {'MFU':>5} | fits"
     )
     lines = [header, "-" * len(header)]
     for row in rows[:limit]:
@@ -299,7 +365,7 @@ def format_table(rows: list[PlanRow], limit: int | None = None) -> str:
         lines.append(
             f"{lay.tp:>3} {lay.pp:>3} {lay.dp:>3} {lay.micro_batch_size:>4} {lay.recompute:>10} | "
             f"{m['weights']:>8.2f} {m['gradients']:>7.2f} {m['optimizer']:>7.2f} {m['activations']:>7.2f} "
-            f"{m['logits']:>7.2f} {m['total']:>7.2f}     | {row.time.step_seconds:>7.2f} "
+            f"{m['logits']:>7.2f} {m['backward']:>7.2f} {m['total']:>7.2f}     | {row.time.step_seconds:>7.2f} "
             f"{row.time.tokens_per_second:>9.0f} {row.time.mfu:>5.1%} | {'yes' if row.fits else 'no'}"
         )
     return "\n".join(lines)
