@@ -177,7 +177,7 @@ def hf_step(args: argparse.Namespace, dtype: str) -> tuple[Callable[[Batch], tor
     config = parse_train_args(flags, world_size=1)
     env = init_parallel(1, 1)
     device = env.device
-    initial = build_model(config, env).state_dict()  # the weights our trainer starts from (seeded by --seed)
+    initial = build_model(config, env)[0].state_dict()  # the weights our trainer starts from (seeded by --seed)
     model_config = config.require_resolved().model_config
     hf_config = transformers.Qwen3Config(**{**model_config.to_hf_dict(), "dtype": "float32", "use_cache": False})
     hf_config._attn_implementation = "sdpa"

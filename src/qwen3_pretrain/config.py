@@ -400,9 +400,8 @@ class TrainConfig:
             sequence_parallel=par.sequence_parallel, shard=not par.no_shard,
         )
         compute_bytes = 2 if self.precision.bf16 or self.precision.fp16 else 4
-        chunk = DEFAULT_LOSS_CHUNK_TOKENS if r.pipeline is None else None  # pipelines compute full logits
         return estimate_memory(r.model_config, layout, self.data.seq_length, compute_dtype_bytes=compute_bytes,
-                               loss_chunk_tokens=chunk)
+                               loss_chunk_tokens=DEFAULT_LOSS_CHUNK_TOKENS)
 
     def _check_memory_fits(self) -> None:
         """Refuse a layout whose memory estimate exceeds the device memory (--skip-memory-check to try anyway)."""
