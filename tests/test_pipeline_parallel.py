@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from qwen3_pretrain.distributed.pipeline import (
+    MicroBatchShape,
     PipelineStageModule,
     build_pipeline_schedule,
     clip_grad_norm_,
@@ -31,6 +32,7 @@ LAYERS = 4
 STEPS = 3
 BATCH, SEQ = 4, 16
 MICROBATCHES = 4  # one sequence each, with different numbers of counted tokens
+MICRO_BATCH = MicroBatchShape(BATCH // MICROBATCHES, SEQ, torch.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +97,7 @@ def _worker(out_dir: Path) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     from qwen3_pretrain.distributed.pipeline import (
+    MicroBatchShape,
         broadcast_tied_embedding,
         sync_tied_embedding_grads,
         tied_embedding_group,
@@ -112,7 +115,7 @@ def _worker(out_dir: Path) -> None:
         if stages[-1].holds_tied_head_copy():  # as after materialising a meta model: the copy is garbage
             torch.nn.init.zeros_(stages[-1].lm_head.weight)
         broadcast_tied_embedding(stages, tied_group)
-        pipeline = build_pipeline_schedule(stages, mesh, MICROBATCHES, schedule=case.schedule)
+        pipeline = build_pipeline_schedule(stages, mesh, MICROBATCHES, MICRO_BATCH, schedule=case.schedule)
         optimizer = torch.optim.SGD([p for stage in stages for p in stage.parameters()], lr=0.5)
         input_ids, labels = _batches(stages[0].config.vocab_size)
         losses, norms, grads = [], [], {}
@@ -215,7 +218,7 @@ def test_invalid_virtual_stage_size_names_the_flag() -> None:
         virtual_pipeline_stages(28, 2, num_layers_per_virtual_stage=3)
 
 
-def test_split_keeps_names_and_chains_to_the_same_logits() -> None:
+def test_split_keeps_names_and_chains_to_the_same_loss() -> None:
     model = _model()
     stages = {rank: split_into_stages(model, rank, PP, virtual_stages=2) for rank in range(PP)}
     layers = {rank: [sorted(stage.model.layers) for stage in rank_stages] for rank, rank_stages in stages.items()}
@@ -230,12 +233,17 @@ def test_split_keeps_names_and_chains_to_the_same_logits() -> None:
     assert head is not embedding and torch.equal(head, embedding)  # the last stage's own copy, initialised equal
     assert in_order[-1].holds_tied_head_copy()
 
-    input_ids, _ = _batches(model.config.vocab_size)
+    input_ids, labels = _batches(model.config.vocab_size)
+    in_order[-1].labels.append(labels[0])  # the last stage reads its micro batch's labels from this queue
     hidden = input_ids[0]
     with torch.no_grad():
         for stage in in_order:
-            hidden = stage(hidden)
-        torch.testing.assert_close(hidden, model(input_ids[0]).logits, rtol=0, atol=0)
+            hidden = stage(hidden)  # [b, s, hidden], then the summed token loss
+        expected = model(input_ids[0], labels[0], return_logits=False, loss_reduction="sum").loss
+        torch.testing.assert_close(hidden, expected, rtol=0, atol=0)
+    assert not in_order[-1].labels
+    with pytest.raises(RuntimeError, match="the last pipeline stage has no labels for this micro batch"):
+        in_order[-1](torch.zeros(1, SEQ, model.config.hidden_size))
 
 
 def test_one_stage_keeps_the_tie() -> None:
@@ -247,11 +255,11 @@ def test_one_stage_keeps_the_tie() -> None:
 def test_invalid_schedules_are_refused_before_any_communication() -> None:
     stages = split_into_stages(_model(), 0, PP, virtual_stages=2)
     with pytest.raises(ValueError, match="pipeline schedule 'zb' is not supported; use one of 1f1b, gpipe, interleaved_1f1b"):
-        build_pipeline_schedule(stages[:1], None, MICROBATCHES, schedule="zb")  # type: ignore[arg-type]
+        build_pipeline_schedule(stages[:1], None, MICROBATCHES, MICRO_BATCH, schedule="zb")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="interleaved_1f1b needs virtual stages"):
-        build_pipeline_schedule(stages[:1], None, MICROBATCHES, schedule="interleaved_1f1b")  # type: ignore[arg-type]
+        build_pipeline_schedule(stages[:1], None, MICROBATCHES, MICRO_BATCH, schedule="interleaved_1f1b")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="'1f1b' got 2 stage"):
-        build_pipeline_schedule(stages, None, MICROBATCHES, schedule="1f1b")  # type: ignore[arg-type]
+        build_pipeline_schedule(stages, None, MICROBATCHES, MICRO_BATCH, schedule="1f1b")  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

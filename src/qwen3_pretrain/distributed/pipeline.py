@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import itertools
 from dataclasses import dataclass
@@ -23,7 +24,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
@@ -32,7 +32,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from qwen3_pretrain.model.config import Qwen3Config
-from qwen3_pretrain.model.qwen3 import IGNORE_INDEX, Qwen3ForCausalLM, Qwen3Model
+from qwen3_pretrain.model.qwen3 import IGNORE_INDEX, Qwen3ForCausalLM, Qwen3Model, lm_head_loss
 from qwen3_pretrain.train.optim import clip_grad_norm_ as clip_parameters
 
 PP_FLAG = "--pipeline-model-parallel-size"
@@ -83,19 +83,31 @@ def stage_layer_counts(
 class PipelineStageModule(nn.Module):
     """One pipeline stage of a Qwen3ForCausalLM with the same child names (`model.*`, `lm_head`).
 
-    Takes token ids (first stage) or hidden states [b, s, hidden] and returns hidden states, or
-    logits [b, s, vocab] on the last stage: plain tensors, as `torch.distributed.pipelining` needs.
+    Takes token ids (first stage) or hidden states [b, s, hidden] and returns hidden states; the
+    last stage returns the summed token cross entropy of its micro batch instead (`lm_head_loss`:
+    the chunked LM head without TP, so no full-vocab logits), reading the micro batch's labels from
+    `labels`, which the schedule fills in micro-batch order (a stage runs its forwards in that order).
+    Outputs are plain tensors, as `torch.distributed.pipelining` needs.
     """
 
-    def __init__(self, config: Qwen3Config, decoder: Qwen3Model, lm_head: nn.Linear | None) -> None:
+    def __init__(
+        self, config: Qwen3Config, decoder: Qwen3Model, lm_head: nn.Linear | None, loss_chunk_tokens: int | None
+    ) -> None:
         super().__init__()
         self.config = config
         self.model = decoder
         self.lm_head = lm_head
+        self.loss_chunk_tokens = loss_chunk_tokens
+        self.labels: collections.deque[torch.Tensor] = collections.deque()  # last stage: labels [b, s] to come
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         hidden = self.model(inputs)  # [b, s, hidden]
-        return self.lm_head(hidden) if self.lm_head is not None else hidden  # [b, s, vocab] on the last stage
+        if self.lm_head is None:
+            return hidden
+        if not self.labels:
+            raise RuntimeError("the last pipeline stage has no labels for this micro batch: run it through PipelineSchedule")
+        loss = lm_head_loss(hidden, self.lm_head, self.labels.popleft(), self.loss_chunk_tokens, "sum")
+        return _local(loss)  # a replicated DTensor under loss_parallel
 
     def holds_tied_head_copy(self) -> bool:
         """True on a last stage whose lm_head is its own copy of a tied embedding living on the first stage."""
@@ -113,7 +125,7 @@ def _cut_stage(model: Qwen3ForCausalLM, layer_names: list[str], first: bool, las
     stage_decoder, stage_head = copy.deepcopy((decoder, model.lm_head if last else None), memo)
     for name in [name for name, layer in stage_decoder.layers.items() if layer is None]:
         del stage_decoder.layers[name]
-    return PipelineStageModule(model.config, stage_decoder, stage_head)
+    return PipelineStageModule(model.config, stage_decoder, stage_head, model.loss_chunk_tokens)
 
 
 def split_into_stages(
@@ -238,21 +250,16 @@ def broadcast_tied_embedding(stages: list[PipelineStageModule], group: dist.Proc
 
 
 class TokenMeanLoss:
-    """Micro-batch loss = summed token cross entropy x `scale` (set per step: 1 / tokens of the whole step).
-
-    The micro-batch losses then add up to the mean over all tokens of the step (times a loss scale).
-    """
+    """Micro-batch loss = the last stage's summed token cross entropy x `scale` (set per step: 1 / tokens
+    of the whole step), so the micro-batch losses add up to the mean over all tokens of the step."""
 
     def __init__(self) -> None:
         self.scale: float | None = None
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def __call__(self, loss_sum: torch.Tensor, _labels: torch.Tensor) -> torch.Tensor:
         if self.scale is None:
             raise RuntimeError("TokenMeanLoss.scale is unset: run steps through PipelineSchedule.step")
-        summed = F.cross_entropy(
-            logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        )  # logits [b * s, vocab], labels [b * s]
-        return summed * self.scale
+        return loss_sum * self.scale
 
 
 @dataclass
@@ -263,6 +270,7 @@ class PipelineSchedule:
     schedule: PipelineScheduleSingle | PipelineScheduleMulti
     loss_fn: TokenMeanLoss
     group: dist.ProcessGroup
+    n_microbatches: int
 
     def step(
         self, input_ids: torch.Tensor, labels: torch.Tensor, num_tokens: float | None = None, loss_scale: float = 1.0
@@ -290,14 +298,19 @@ class PipelineSchedule:
     def _run(self, run: Callable[..., Any], input_ids: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor:
         """Run the schedule with micro-batch losses scaled by `scale`; their sum, broadcast from the last stage."""
         self.loss_fn.scale = scale
+        last_stages = [stage.submod for stage in self.stages if stage.is_last]
+        for module in last_stages:
+            module.labels.extend(torch.tensor_split(labels, self.n_microbatches))  # as the schedule splits inputs
         losses: list[torch.Tensor] = []
         with loss_parallel():
             if any(stage.is_first for stage in self.stages):
                 run(input_ids, target=labels, losses=losses, return_outputs=False)
             else:
                 run(target=labels, losses=losses, return_outputs=False)
-        if any(stage.is_last for stage in self.stages):
-            total = torch.stack([_local(loss).detach().float() for loss in losses]).sum()
+        if last_stages:
+            if any(module.labels for module in last_stages):
+                raise RuntimeError("the pipeline schedule ran fewer micro batches than it was given labels for")
+            total = torch.stack([loss.detach().float() for loss in losses]).sum()
         else:
             total = torch.zeros((), device=self.stages[0].device)
         last_rank = dist.get_global_rank(self.group, dist.get_world_size(self.group) - 1)
@@ -305,16 +318,44 @@ class PipelineSchedule:
         return total
 
 
+@dataclass(frozen=True)
+class MicroBatchShape:
+    """What crosses the stage boundaries for one micro batch: token ids [batch, seq] into the first stage,
+    hidden states [batch, seq / sequence_shards, hidden] in `hidden_dtype` between stages (a sequence-
+    parallel stage sends its local sequence shard), and the float32 loss sum out of the last stage."""
+
+    batch: int
+    seq: int
+    hidden_dtype: torch.dtype
+    sequence_shards: int = 1
+
+    def stage_io(self, config: Qwen3Config, first: bool, last: bool) -> dict[str, torch.Tensor | None]:
+        """Meta tensors of a stage's input, output and their gradients, as PipelineStage's keyword arguments."""
+        hidden = torch.empty(self.batch, self.seq // self.sequence_shards, config.hidden_size,
+                             dtype=self.hidden_dtype, device="meta", requires_grad=True)
+        tokens = torch.empty(self.batch, self.seq, dtype=torch.long, device="meta")
+        loss_sum = torch.empty((), dtype=torch.float32, device="meta", requires_grad=True)
+        return {
+            "input_args": tokens if first else hidden,
+            "output_args": loss_sum if last else hidden,
+            "input_grads": None if first else hidden,
+            "output_grads": None if last else hidden,
+        }
+
+
 def build_pipeline_schedule(
     stages: list[PipelineStageModule],
     pp: dist.ProcessGroup | DeviceMesh,
     n_microbatches: int,
+    micro_batch: MicroBatchShape,
     loss_fn: TokenMeanLoss | None = None,
     schedule: str = "1f1b",
 ) -> PipelineSchedule:
     """Wrap this rank's stages (from `split_into_stages`) in PipelineStages and a schedule.
 
-    `schedule` is "1f1b", "gpipe" (one stage per rank) or "interleaved_1f1b" (several).
+    `schedule` is "1f1b", "gpipe" (one stage per rank) or "interleaved_1f1b" (several). The stages get
+    their boundary shapes from `micro_batch` (static metadata: no extra forward to infer them, which
+    would also consume a micro batch's labels on the last stage).
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"pipeline schedule {schedule!r} is not supported; use one of {', '.join(SCHEDULES)}")
@@ -330,15 +371,16 @@ def build_pipeline_schedule(
         raise ValueError(f"number of micro batches must be >= 1, got {n_microbatches}")
     loss_fn = TokenMeanLoss() if loss_fn is None else loss_fn
     num_stages = pp_size * len(stages)
-    pipeline_stages = [
-        PipelineStage(module, pp_rank + i * pp_size, num_stages, _device_of(module), group=group)
-        for i, module in enumerate(stages)
-    ]
+    pipeline_stages = []
+    for i, module in enumerate(stages):
+        index = pp_rank + i * pp_size
+        io = micro_batch.stage_io(module.config, first=index == 0, last=index == num_stages - 1)
+        pipeline_stages.append(PipelineStage(module, index, num_stages, _device_of(module), group=group, **io))
     schedule_class = SCHEDULES[schedule]
     runner = schedule_class(
         pipeline_stages if interleaved else pipeline_stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=False
     )
-    return PipelineSchedule(pipeline_stages, runner, loss_fn, group)
+    return PipelineSchedule(pipeline_stages, runner, loss_fn, group, n_microbatches)
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -172,8 +172,8 @@ def _loss_bytes(
     """Bytes alive on the last stage during the loss of one micro batch of `tokens` tokens.
 
     The final norm (`_norm_bytes`, its output kept by the LM head), then either the chunked LM
-    head + loss (`model.loss`, used without tp and pp: a vocab-sharded head and a pipeline's last
-    stage take the plain path) or the plain path. Chunked, per (token, word) of a chunk: the float32 logits and logsumexp's float32
+    head + loss (`model.loss`, used without tp: a vocab-sharded head takes the plain path) or the
+    plain path. Chunked, per (token, word) of a chunk: the float32 logits and logsumexp's float32
     temporary, and from the second chunk on also the previous chunk's logits, which the loop still
     holds while the next chunk's matmul runs (8 or 12 bytes, in bf16 as in fp32); plus the gradients
     it computes in the forward: the LM-head weight's (float32) and the hidden states' (compute dtype).
@@ -184,7 +184,7 @@ def _loss_bytes(
     c, h = compute_bytes, cfg.hidden_size
     final_norm = _norm_bytes(cfg, layout, c) * tokens
     vocab = cfg.vocab_size / layout.tp
-    if loss_chunk_tokens is None or layout.tp > 1 or layout.pp > 1:
+    if loss_chunk_tokens is None or layout.tp > 1:
         per_logit = 12 + (4 if layout.tp > 1 else 0) + (c if c != 4 else 0)
         return final_norm + per_logit * tokens * vocab
     chunk = min(tokens, loss_chunk_tokens)

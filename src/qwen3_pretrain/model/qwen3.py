@@ -77,6 +77,24 @@ class Qwen3Model(nn.Module):
         return self.norm(h) if self.norm is not None else h
 
 
+def lm_head_loss(
+    hidden: torch.Tensor,
+    lm_head: nn.Linear,
+    labels: torch.Tensor,
+    chunk_tokens: int | None,
+    reduction: LossReduction = "mean",
+) -> torch.Tensor:
+    """Cross entropy of `lm_head` over hidden states [b, s, hidden] against aligned labels [b, s].
+
+    The chunked fused LM head + loss when `chunk_tokens` is an int and the tensors are plain (also
+    inside an FSDP2 forward, which gathers the weight; it reads `lm_head.weight` directly, so hooks on
+    `lm_head` itself do not run); otherwise full logits (the vocab-sharded DTensor head under `loss_parallel`).
+    """
+    if chunk_tokens is not None and not isinstance(hidden, DTensor) and not isinstance(lm_head.weight, DTensor):
+        return chunked_lm_head_loss(hidden, lm_head.weight, labels, chunk_tokens, reduction)
+    return causal_lm_loss(lm_head(hidden), labels, reduction)  # logits [b, s, vocab]
+
+
 def init_module_weights(root: nn.Module, std: float) -> None:
     """Initialise every Linear/Embedding weight under `root` ~ normal(0, std), norms = 1, RoPE tables."""
     if std <= 0:
@@ -139,12 +157,9 @@ class Qwen3ForCausalLM(nn.Module):
         `loss_reduction` is "mean" over the non-ignored labels or "sum" (for a trainer that divides
         by the token count of the whole global batch).
 
-        With labels and `return_logits=False` the output has no logits, and when `loss_chunk_tokens`
-        is an int and the head weight a plain tensor (also inside an FSDP2 forward, which gathers it)
-        the loss comes from the chunked fused LM head + cross entropy: same loss and gradients, the
-        logits of at most `loss_chunk_tokens` tokens alive at a time. That path reads
-        `lm_head.weight` directly, so hooks on `lm_head` itself do not run. Otherwise the full logits
-        are computed (the path for a vocab-sharded DTensor head under `loss_parallel`).
+        With labels and `return_logits=False` the output has no logits and the loss comes from
+        `lm_head_loss`: the chunked fused LM head + cross entropy when `loss_chunk_tokens` is an int
+        (same loss and gradients, the logits of at most `loss_chunk_tokens` tokens alive at a time).
 
         A pipeline stage without `lm_head` returns its hidden states [b, s, hidden] instead, and one
         without `model.embed_tokens` takes hidden states in place of `input_ids`.
@@ -154,20 +169,11 @@ class Qwen3ForCausalLM(nn.Module):
         hidden = self.model(input_ids, position_ids)
         if self.lm_head is None:
             return hidden
-        if labels is not None and not return_logits and self._fused_loss_applies(hidden):
-            loss = chunked_lm_head_loss(hidden, self.lm_head.weight, labels, self.loss_chunk_tokens, loss_reduction)
-            return CausalLMOutput(None, loss)
+        if labels is not None and not return_logits:
+            return CausalLMOutput(None, lm_head_loss(hidden, self.lm_head, labels, self.loss_chunk_tokens, loss_reduction))
         logits = self.lm_head(hidden)  # [b, s, vocab]
         loss = causal_lm_loss(logits, labels, loss_reduction) if labels is not None else None
-        return CausalLMOutput(logits if return_logits else None, loss)
-
-    def _fused_loss_applies(self, hidden: torch.Tensor) -> bool:
-        """True when the chunked LM head + loss is selected and can run on these (plain) tensors."""
-        return (
-            self.loss_chunk_tokens is not None
-            and not isinstance(hidden, DTensor)
-            and not isinstance(self.lm_head.weight, DTensor)
-        )
+        return CausalLMOutput(logits, loss)
 
     @torch.no_grad()
     def generate(

@@ -39,6 +39,7 @@ from qwen3_pretrain.distributed.device import device_type
 from qwen3_pretrain.distributed.mesh import ParallelEnv, init_parallel, shutdown_parallel
 from qwen3_pretrain.distributed.parallelize import load_full_weights, parallelize_model
 from qwen3_pretrain.distributed.pipeline import (
+    MicroBatchShape,
     PipelineSchedule,
     PipelineStageModule,
     StagesView,
@@ -200,7 +201,11 @@ def build_model(config: TrainConfig, env: ParallelEnv) -> tuple[nn.Module, Pipel
         return model, None
     tied_group = tied_embedding_group(parts, env.pp_group)
     broadcast_tied_embedding(parts, tied_group)
-    schedule = build_pipeline_schedule(parts, env.pp_group, resolved.num_microbatches, schedule=layout.schedule)
+    micro_batch = MicroBatchShape(
+        config.training.micro_batch_size, config.data.seq_length, compute_dtype_of(config),
+        env.tp if par.sequence_parallel else 1,
+    )
+    schedule = build_pipeline_schedule(parts, env.pp_group, resolved.num_microbatches, micro_batch, schedule=layout.schedule)
     return held, Pipeline(parts, schedule, tied_group)
 
 
