@@ -97,7 +97,6 @@ def _worker(out_dir: Path) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     from qwen3_pretrain.distributed.pipeline import (
-    MicroBatchShape,
         broadcast_tied_embedding,
         sync_tied_embedding_grads,
         tied_embedding_group,
