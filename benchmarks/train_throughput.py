@@ -37,7 +37,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from qwen3_pretrain.data.gpt_dataset import build_gpt_datasets
