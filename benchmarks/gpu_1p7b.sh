@@ -10,7 +10,9 @@
 # Environment: OUT (results folder, default ./bench_out), PYTHON (default python3),
 #   CONFIGS  space-separated MICRO_BATCH:RECOMPUTE:COMPILE with RECOMPUTE none|full|selective and
 #            COMPILE eager|compile (default "1:none:eager 1:none:compile 2:none:compile"),
-#   ITERS / WARMUP (timed / untimed iterations per configuration, default 10 / 3),
+#   ACCUM    micro batches per optimizer step (default 8: the recipe's global batch 64 over 8 devices at
+#            micro batch 1 gives each device 8 micro batches per step),
+#   ITERS / WARMUP (timed / untimed optimizer steps per configuration, default 4 / 2),
 #   WITH_HF=1 (default) also runs HF transformers on the first configuration as a reference,
 #   CONFIG_TIMEOUT seconds per configuration (default 300).
 # Writes $OUT/config_N.json (one per configuration), $OUT/summary.json and $OUT/gpu_1p7b.log.
@@ -28,22 +30,22 @@ if [[ "${BENCH_CPU:-0}" == "1" ]]; then
   export QWEN3_PRETRAIN_DEVICE=cpu
   MODEL=qwen3-tiny SEQ=64 MATMUL=256
   CONFIGS="${CONFIGS:-1:none:eager 2:full:eager 2:selective:eager}"
-  ITERS="${ITERS:-2}" WARMUP="${WARMUP:-1}"
+  ITERS="${ITERS:-2}" WARMUP="${WARMUP:-1}" ACCUM="${ACCUM:-2}"
 else
   MODEL=qwen3-1.7b SEQ=4096 MATMUL=8192
   CONFIGS="${CONFIGS:-1:none:eager 1:none:compile 2:none:compile}"
-  ITERS="${ITERS:-10}" WARMUP="${WARMUP:-3}"
+  ITERS="${ITERS:-4}" WARMUP="${WARMUP:-2}" ACCUM="${ACCUM:-8}"
 fi
 WITH_HF="${WITH_HF:-1}"
 CONFIG_TIMEOUT="${CONFIG_TIMEOUT:-300}"
 
-echo "== $(date -u +%Y-%m-%dT%H:%M:%SZ) $MODEL seq $SEQ bf16; configurations: $CONFIGS; results in $OUT"
+echo "== $(date -u +%Y-%m-%dT%H:%M:%SZ) $MODEL seq $SEQ bf16, $ACCUM micro batches per step; configurations: $CONFIGS; results in $OUT"
 rm -f "$OUT"/config_*.json
 index=0
 for spec in $CONFIGS; do
   IFS=: read -r mbs recompute mode <<<"$spec"
   index=$((index + 1))
-  flags=(--model "$MODEL" --seq-length "$SEQ" --micro-batch-size "$mbs" --iters "$ITERS" --warmup "$WARMUP"
+  flags=(--model "$MODEL" --seq-length "$SEQ" --micro-batch-size "$mbs" --accumulation "$ACCUM" --iters "$ITERS" --warmup "$WARMUP"
          --dtype bf16 --matmul-size "$MATMUL" --json "$OUT/config_$index.json")
   case "$recompute" in
     none) ;;

@@ -15,7 +15,7 @@ Model FLOPs per token are `Qwen3Config.flops_per_token`, which counts the LM-hea
 it is tied.
 
     PYTHONPATH=src python benchmarks/train_throughput.py [--model qwen3-bench] [--seq-length 512]
-        [--micro-batch-size 1] [--iters 10] [--warmup 2] [--dtype fp32|bf16|both] [--compile]
+        [--micro-batch-size 1] [--accumulation 1] [--iters 10] [--warmup 2] [--dtype fp32|bf16|both] [--compile]
         [--recompute full|selective] [--skip-hf] [--json OUT]
 """
 
@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="qwen3-bench", help="model preset (default: qwen3-bench)")
     parser.add_argument("--seq-length", type=int, default=512)
     parser.add_argument("--micro-batch-size", type=int, default=1)
+    parser.add_argument("--accumulation", type=int, default=1,
+                        help="micro batches per optimizer step (the 1.7B recipe: 8 per device)")
     parser.add_argument("--iters", type=int, default=10, help="timed training iterations")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations before timing")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "both"), default="both")
@@ -82,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    for flag in ("seq_length", "micro_batch_size", "iters"):
+    for flag in ("seq_length", "micro_batch_size", "accumulation", "iters"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.threads is not None and args.threads < 1:
@@ -96,13 +98,17 @@ def num_steps(args: argparse.Namespace) -> int:
     return args.warmup + args.iters
 
 
+def num_micro_batches(args: argparse.Namespace) -> int:
+    return num_steps(args) * args.accumulation
+
+
 # ---- data ------------------------------------------------------------------------------------------
 
 
 def write_mock_dataset(folder: Path, args: argparse.Namespace) -> str:
     """MockGPTDataset windows as documents of a Megatron .bin/.idx, so the trainer reads them with --data-path."""
     vocab = get_preset(args.model).vocab_size
-    samples = num_steps(args) * args.micro_batch_size
+    samples = num_micro_batches(args) * args.micro_batch_size
     mock = MockGPTDataset(samples, args.seq_length, vocab, seed=SEED)
     prefix = str(folder / PREFIX_NAME)
     with IndexedDatasetWriter(prefix, best_dtype(vocab)) as writer:
@@ -113,12 +119,12 @@ def write_mock_dataset(folder: Path, args: argparse.Namespace) -> str:
 
 
 def trainer_flags(args: argparse.Namespace, dtype: str) -> list[str]:
-    """The `qwen3-pretrain train` flags of this benchmark: one micro batch per step, no eval, no saves."""
+    """The `qwen3-pretrain train` flags of this benchmark: `--accumulation` micro batches per step, no eval, no saves."""
     flags = [
         "--model", args.model, "--data-path", args.data_prefix, "--split", "100,0,0",
         "--data-cache-path", str(Path(args.data_prefix).parent / "index-cache"),
         "--seq-length", str(args.seq_length), "--micro-batch-size", str(args.micro_batch_size),
-        "--global-batch-size", str(args.micro_batch_size), "--train-iters", str(num_steps(args)),
+        "--global-batch-size", str(args.micro_batch_size * args.accumulation), "--train-iters", str(num_steps(args)),
         "--lr", str(LR), "--lr-decay-style", "constant", "--weight-decay", str(WEIGHT_DECAY),
         "--adam-beta1", str(BETAS[0]), "--adam-beta2", str(BETAS[1]), "--adam-eps", str(EPS),
         "--clip-grad", str(CLIP), "--seed", str(SEED), "--init-method-std", "0.02",
@@ -133,21 +139,23 @@ def trainer_flags(args: argparse.Namespace, dtype: str) -> list[str]:
     return flags
 
 
-def micro_batches(dataset: torch.utils.data.Dataset, args: argparse.Namespace, device: torch.device) -> list[Batch]:
-    """The first warmup + iters micro batches of the training stream (pinned when the device is not the CPU)."""
+def step_batches(dataset: torch.utils.data.Dataset, args: argparse.Namespace, device: torch.device) -> list[list[Batch]]:
+    """The micro batches of the warmup + iters steps, `--accumulation` per step (pinned off the CPU)."""
     loader = build_pretraining_loader(dataset, 0, args.micro_batch_size, dp_rank=0, dp_size=1)
-    batches = [batch for _, batch in zip(range(num_steps(args)), loader)]
-    if len(batches) < num_steps(args):
-        raise RuntimeError(f"the mock dataset holds {len(batches)} micro batches, {num_steps(args)} are needed")
+    needed = num_micro_batches(args)
+    batches = [batch for _, batch in zip(range(needed), loader)]
+    if len(batches) < needed:
+        raise RuntimeError(f"the mock dataset holds {len(batches)} micro batches, {needed} are needed")
     if device.type != "cpu":
         batches = [{key: value.pin_memory() for key, value in batch.items()} for batch in batches]
-    return batches
+    n = args.accumulation
+    return [batches[i : i + n] for i in range(0, needed, n)]
 
 
 # ---- the two implementations -----------------------------------------------------------------------
 
 
-def ours_step(args: argparse.Namespace, dtype: str) -> tuple[Callable[[Batch], torch.Tensor], list[Batch]]:
+def ours_step(args: argparse.Namespace, dtype: str) -> tuple[Callable[[list[Batch]], torch.Tensor], list[list[Batch]]]:
     """Our Trainer, built exactly as `qwen3-pretrain train` builds it; one call = one `train_step`."""
     from qwen3_pretrain.config import parse_train_args
     from qwen3_pretrain.distributed.mesh import init_parallel
@@ -156,15 +164,16 @@ def ours_step(args: argparse.Namespace, dtype: str) -> tuple[Callable[[Batch], t
     config = parse_train_args(trainer_flags(args, dtype), world_size=1)
     trainer = Trainer(config, init_parallel(1, 1))
 
-    def step(batch: Batch) -> torch.Tensor:
-        pending = trainer.train_step([batch])
+    def step(batches: list[Batch]) -> torch.Tensor:
+        pending = trainer.train_step(batches)
         return pending.loss_sum / max(pending.tokens, 1)
 
-    return step, micro_batches(trainer.train_data, args, trainer.env.device)
+    return step, step_batches(trainer.train_data, args, trainer.env.device)
 
 
-def hf_step(args: argparse.Namespace, dtype: str) -> tuple[Callable[[Batch], torch.Tensor], list[Batch]]:
-    """transformers' Qwen3ForCausalLM with our initial weights + torch AdamW: what a user would write."""
+def hf_step(args: argparse.Namespace, dtype: str) -> tuple[Callable[[list[Batch]], torch.Tensor], list[list[Batch]]]:
+    """transformers' Qwen3ForCausalLM with our initial weights + torch AdamW: what a user would write
+    (gradient accumulation by averaging the micro batches' mean losses; the mock data has no masked labels)."""
     import transformers
 
     from qwen3_pretrain.config import parse_train_args
@@ -190,22 +199,25 @@ def hf_step(args: argparse.Namespace, dtype: str) -> tuple[Callable[[Batch], tor
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
     compute = DTYPES[dtype]
     dataset = build_gpt_datasets(
-        [args.data_prefix], "100,0,0", args.seq_length, SEED, (num_steps(args) * args.micro_batch_size, 0, 0),
+        [args.data_prefix], "100,0,0", args.seq_length, SEED, (num_micro_batches(args) * args.micro_batch_size, 0, 0),
         cache_dir=config.data.data_cache_path,
     )[0]
 
-    def step(batch: Batch) -> torch.Tensor:
-        tokens = batch["tokens"].to(device, non_blocking=True)
-        labels = batch["labels"].masked_fill(batch["loss_mask"] == 0, IGNORE_INDEX).to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=compute, enabled=compute != torch.float32):
-            loss = model(input_ids=tokens, labels=labels, shift_labels=labels).loss  # labels already aligned
-        loss.backward()
+    def step(batches: list[Batch]) -> torch.Tensor:
+        total = torch.zeros((), device=device)
+        for batch in batches:
+            tokens = batch["tokens"].to(device, non_blocking=True)
+            labels = batch["labels"].masked_fill(batch["loss_mask"] == 0, IGNORE_INDEX).to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=compute, enabled=compute != torch.float32):
+                loss = model(input_ids=tokens, labels=labels, shift_labels=labels).loss / len(batches)  # aligned labels
+            loss.backward()
+            total += loss.detach().float()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return total
 
-    return step, micro_batches(dataset, args, device)
+    return step, step_batches(dataset, args, device)
 
 
 # ---- measuring -------------------------------------------------------------------------------------
@@ -298,7 +310,8 @@ def run_variant(args: argparse.Namespace, impl: str, dtype: str, data_prefix: st
 
 def forwarded_flags(args: argparse.Namespace) -> list[str]:
     flags = ["--model", args.model, "--seq-length", str(args.seq_length),
-             "--micro-batch-size", str(args.micro_batch_size), "--iters", str(args.iters), "--warmup", str(args.warmup)]
+             "--micro-batch-size", str(args.micro_batch_size), "--accumulation", str(args.accumulation),
+             "--iters", str(args.iters), "--warmup", str(args.warmup)]
     if args.compile:
         flags.append("--compile")
     if args.recompute:
@@ -337,7 +350,7 @@ def summarize(raw: dict[str, Any], args: argparse.Namespace, peaks: dict[str, fl
     if "error" in raw:
         return raw
     config = get_preset(args.model)
-    tokens_per_s = args.iters * args.micro_batch_size * args.seq_length / raw["seconds"]
+    tokens_per_s = args.iters * args.accumulation * args.micro_batch_size * args.seq_length / raw["seconds"]
     tflops = tokens_per_s * config.flops_per_token(args.seq_length) / 1e12
     return {
         **raw,
@@ -358,7 +371,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"device: {m['device_type']} ({m['device_name']}), torch {m['torch']}, transformers {m['transformers']}, "
         f"{m['cpu_count']} CPUs ({m['cpu_affinity']} usable, {m['torch_threads']} torch threads)",
         f"model {c['model']} ({c['num_parameters'] / 1e6:.1f}M params, {c['flops_per_token'] / 1e9:.3f} GFLOP/token), "
-        f"seq {c['seq_length']}, micro batch {c['micro_batch_size']}, {c['iters']} timed + {c['warmup']} warmup "
+        f"seq {c['seq_length']}, micro batch {c['micro_batch_size']} x {c['accumulation']} per step, {c['iters']} timed + "
+        f"{c['warmup']} warmup "
         f"iterations, compile {c['compile']}, recompute {c['recompute']}",
         "measured matmul peak: " + ", ".join(
             f"{k} {v:.3f} TFLOP/s (n={report['matmul_size'][k]})" for k, v in report["peak_tflops"].items()
@@ -417,6 +431,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine_info(),
         "config": {
             "model": args.model, "seq_length": args.seq_length, "micro_batch_size": args.micro_batch_size,
+            "accumulation": args.accumulation,
             "iters": args.iters, "warmup": args.warmup, "compile": args.compile, "recompute": args.recompute,
             "threads": args.threads,
             "num_parameters": config.num_parameters(), "flops_per_token": config.flops_per_token(args.seq_length),

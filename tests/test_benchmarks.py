@@ -16,7 +16,7 @@ import pytest
 from qwen3_pretrain.model.config import get_preset
 
 ROOT = Path(__file__).resolve().parents[1]
-SEQ, MBS, ITERS, WARMUP = 32, 2, 2, 1
+SEQ, MBS, ACCUM, ITERS, WARMUP = 32, 2, 2, 2, 1
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "QWEN3_PRETRAIN_DEVICE": "cpu"}
     command = [
         sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--model", "qwen3-tiny",
-        "--seq-length", str(SEQ), "--micro-batch-size", str(MBS), "--iters", str(ITERS), "--warmup", str(WARMUP),
+        "--seq-length", str(SEQ), "--micro-batch-size", str(MBS), "--accumulation", str(ACCUM), "--iters", str(ITERS), "--warmup", str(WARMUP),
         "--dtype", "fp32", "--matmul-size", "128", "--threads", "1", "--json", str(out),
     ]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -50,7 +50,7 @@ def test_throughput_arithmetic(report) -> None:
     flops = data["config"]["flops_per_token"]
     for r in data["results"]:
         assert "error" not in r, r
-        assert r["tokens_per_s"] == pytest.approx(ITERS * MBS * SEQ / r["seconds"])
+        assert r["tokens_per_s"] == pytest.approx(ITERS * ACCUM * MBS * SEQ / r["seconds"])
         assert r["tflops"] == pytest.approx(r["tokens_per_s"] * flops / 1e12)
         assert r["mfu"] == pytest.approx(r["tflops"] / data["peak_tflops"][r["dtype"]])
         assert r["peak_memory_gb"] >= 0 and len(r["losses"]) == ITERS + WARMUP
