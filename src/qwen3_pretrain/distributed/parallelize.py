@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from qwen3_pretrain.distributed.mesh import ParallelEnv
 from qwen3_pretrain.distributed.recompute import apply_activation_checkpointing, transformer_blocks
-from qwen3_pretrain.model.qwen3 import LM_HEAD_KEY
+from qwen3_pretrain.model.qwen3 import copy_named_tensors
 
 
 class WeightLoadError(ValueError):
@@ -83,32 +83,14 @@ def load_full_weights(
     `lm_head.weight` in the stream, and tensors named in `held_elsewhere` (other pipeline stages')
     are skipped. Missing or unexpected names, or a shape mismatch, raise WeightLoadError naming `source`.
     """
-    params = dict(model.named_parameters())  # a tied LM head appears only as the embedding
-    tied = LM_HEAD_KEY not in params and getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-    loaded: set[str] = set()
-    unexpected: list[str] = []
-    for name, full in tensors:
-        if name == LM_HEAD_KEY and tied or name in held_elsewhere:
-            continue
-        param = params.get(name)
-        if param is None:
-            unexpected.append(name)
-            continue
-        if tuple(full.shape) != tuple(param.shape):
-            raise WeightLoadError(
-                f"{source}: tensor {name} has shape {tuple(full.shape)}, the model expects {tuple(param.shape)}; "
-                "the model flags and the weights disagree"
-            )
+    params = dict(model.named_parameters())  # a tied LM head appears only as the embedding (ignored in the stream)
+
+    def copy_slice(param: torch.Tensor, full: torch.Tensor) -> None:
         full = full.to(dtype=param.dtype)
         if isinstance(param, DTensor):
             piece = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
             param.to_local().copy_(piece.to_local())
         else:
             param.copy_(full)
-        loaded.add(name)
-    missing = sorted(set(params) - loaded)
-    if missing or unexpected:
-        raise WeightLoadError(
-            f"{source} does not match the model: missing {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
-            f"unexpected {sorted(unexpected)[:10]}{' ...' if len(unexpected) > 10 else ''}"
-        )
+
+    copy_named_tensors(params, tensors, source, WeightLoadError, copy=copy_slice, skip=held_elsewhere)

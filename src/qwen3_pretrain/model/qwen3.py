@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -93,6 +93,50 @@ def lm_head_loss(
     if chunk_tokens is not None and not isinstance(hidden, DTensor) and not isinstance(lm_head.weight, DTensor):
         return chunked_lm_head_loss(hidden, lm_head.weight, labels, chunk_tokens, reduction)
     return causal_lm_loss(lm_head(hidden), labels, reduction)  # logits [b, s, vocab]
+
+
+@torch.no_grad()
+def copy_named_tensors(
+    targets: Mapping[str, torch.Tensor],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    source: str,
+    error: type[ValueError],
+    copy: Callable[[torch.Tensor, torch.Tensor], object] = torch.Tensor.copy_,
+    skip: Collection[str] = (),
+) -> torch.Tensor | None:
+    """Copy each named tensor of the stream into `targets[name]` with `copy(target, tensor)`, strictly.
+
+    Names in `skip` are passed over. An `lm_head.weight` without a target (a tied model) is set aside
+    and returned, for the caller to compare with the embedding. Any other unknown name, a shape
+    mismatch or a target left unfilled raises `error` naming `source`.
+    """
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    tied_head: torch.Tensor | None = None
+    for name, tensor in tensors:
+        if name in skip:
+            continue
+        target = targets.get(name)
+        if target is None:
+            if name == LM_HEAD_KEY:
+                tied_head = tensor
+            else:
+                unexpected.append(name)
+            continue
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise error(
+                f"{source}: tensor {name} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}; "
+                "the model's shape and the weights disagree"
+            )
+        copy(target, tensor)
+        loaded.add(name)
+    missing = sorted(set(targets) - loaded)
+    if missing or unexpected:
+        raise error(
+            f"{source} does not match the model: missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
+            f"unexpected keys {sorted(unexpected)[:10]}{' ...' if len(unexpected) > 10 else ''}"
+        )
+    return tied_head
 
 
 def init_module_weights(root: nn.Module, std: float) -> None:
@@ -248,34 +292,11 @@ class Qwen3ForCausalLM(nn.Module):
         model._load_hf_tensors(Path(directory), iter_hf_tensors(directory, dtype))
         return model
 
-    @torch.no_grad()
     def _load_hf_tensors(self, directory: Path, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
         """Copy named tensors into the parameters, checking names and shapes strictly."""
         targets = self.hf_state_dict()
-        loaded: set[str] = set()
-        unexpected: list[str] = []
-        tied_head: torch.Tensor | None = None
-        for name, tensor in tensors:
-            if name == LM_HEAD_KEY and self.config.tie_word_embeddings:
-                tied_head = tensor
-                continue
-            if name not in targets:
-                unexpected.append(name)
-                continue
-            if targets[name].shape != tensor.shape:
-                raise HFCheckpointError(
-                    f"{directory}: tensor {name} has shape {tuple(tensor.shape)}, the model built from its "
-                    f"config.json expects {tuple(targets[name].shape)}; config and weights disagree"
-                )
-            targets[name].copy_(tensor)
-            loaded.add(name)
-        missing = sorted(set(targets) - loaded)
-        if missing or unexpected:
-            raise HFCheckpointError(
-                f"{directory} does not match a Qwen3 model built from its config.json: "
-                f"missing keys {missing[:20]}{' ...' if len(missing) > 20 else ''}, "
-                f"unexpected keys {sorted(unexpected)[:20]}{' ...' if len(unexpected) > 20 else ''}"
-            )
+        source = f"{directory} (a Qwen3 model built from its config.json)"
+        tied_head = copy_named_tensors(targets, tensors, source, HFCheckpointError)
         if tied_head is not None and not torch.equal(tied_head.to(targets[EMBED_KEY]), targets[EMBED_KEY]):
             raise HFCheckpointError(
                 f"{directory}: config.json ties word embeddings but {LM_HEAD_KEY} differs from {EMBED_KEY}; "
