@@ -10,7 +10,6 @@ import copy
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +31,7 @@ from qwen3_pretrain.checkpoint.native import (
 )
 from qwen3_pretrain.model.config import get_preset
 from qwen3_pretrain.model.qwen3 import Qwen3ForCausalLM
+from distributed_helpers import free_port
 
 CONFIG = {"model": {"hidden_size": 64, "num_hidden_layers": 2}, "train": {"lr": 1e-3, "betas": (0.9, 0.95)}}
 
@@ -337,19 +337,13 @@ def _cpu_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "QWEN3_PRETRAIN_DEVICE": "cpu", "CUDA_VISIBLE_DEVICES": ""}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_fsdp2_two_processes_and_single_process_load_each_other(tmp_path: Path) -> None:
     model, optimizer, scheduler = _setup(seed=0)
     _train(model, optimizer, scheduler, steps=2, seed=7)
     save_checkpoint(tmp_path / "single", 2, model, optimizer, scheduler, {"consumed_samples": 4}, CONFIG)
     single_expected = {**_full_state(model, optimizer), "scheduler": scheduler.state_dict()}
 
-    port = _free_port()
+    port = free_port()
     workers = [
         subprocess.Popen(
             [sys.executable, __file__, "fsdp", str(rank), "2", str(port), str(tmp_path)],

@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import random
 import signal
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +33,7 @@ from qwen3_pretrain.checkpoint.convert import main as convert_main
 from qwen3_pretrain.checkpoint.hf import save_hf_state_dict
 from qwen3_pretrain.checkpoint.mcore import MODEL_FILE, TRACKER_FILE, load_pt
 from qwen3_pretrain.model.config import Qwen3Config
+from distributed_helpers import free_port
 
 SEQ = 12
 
@@ -50,9 +50,7 @@ def tiny_config(tied: bool) -> Qwen3Config:
 @pytest.fixture(scope="module")
 def megatron_cpu():
     """One-process gloo group, TP = PP = 1, and the two CPU patches megatron-core's forward needs."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     parallel_state.initialize_model_parallel(1, 1)
     tracker = tensor_parallel.get_cuda_rng_tracker()

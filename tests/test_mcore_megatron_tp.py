@@ -9,7 +9,6 @@ an HF model with megatron-core's logits. This checks the q/k/v group split and t
 from __future__ import annotations
 
 import contextlib
-import socket
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from qwen3_pretrain.checkpoint.convert import main as convert_main
 from qwen3_pretrain.checkpoint.hf import save_hf_state_dict
 from qwen3_pretrain.checkpoint.mcore import MODEL_FILE, TRACKER_FILE, load_pt
 from qwen3_pretrain.model.config import Qwen3Config
+from distributed_helpers import free_port
 
 TP = 2
 SEQ = 10
@@ -155,9 +155,7 @@ def tp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, to
         _convert("--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", root / f"hf-{name}",
                  "--save-dir", root / f"ours-{name}", "--target-tensor-parallel-size", TP)
         references[name] = reference
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.start_processes(_worker, args=(port, root), nprocs=TP, join=True, start_method="spawn")
     return root, references
 

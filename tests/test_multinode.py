@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from qwen3_pretrain.cli import main
+from distributed_helpers import free_port
 from test_train_loop import tiny_flags, write_tiny_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -36,12 +36,6 @@ class NodeRun:
     pgid: int
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun_command(node_rank: int, port: int, flags: list[str]) -> list[str]:
     return [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", str(NODES), "--nproc-per-node", "1",
@@ -54,7 +48,7 @@ def run_nodes(node_ranks: list[int], flags: list[str], log_dir: Path, deadline_s
     """Start one torchrun per node rank at once; wait until all exit, one fails, or the deadline passes;
     then kill whatever still runs (torchrun and its workers: each launch is its own process group)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "QWEN3_PRETRAIN_DEVICE": "cpu"}
-    port = _free_port()
+    port = free_port()
     logs = [log_dir / f"node{rank}.log" for rank in node_ranks]
     procs: list[subprocess.Popen[bytes]] = []
     killed: set[int] = set()

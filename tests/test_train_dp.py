@@ -6,7 +6,6 @@ batches hold different numbers of loss tokens)."""
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import torch.multiprocessing as mp
 from qwen3_pretrain.cli import main
 from qwen3_pretrain.config import parse_train_args
 from qwen3_pretrain.train.trainer import run_training
-from distributed_helpers import join_gloo_group, leave_gloo_group
+from distributed_helpers import free_port, join_gloo_group, leave_gloo_group
 from test_train_loop import GBS, tiny_flags, write_tiny_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,12 +27,6 @@ CASES: dict[str, dict[str, Any]] = {
     "replicated, 2 accumulation steps": {"micro_batch_size": GBS // (2 * WORLD), "no_shard": True},
     "tensor parallel 2, sequence parallel": {"tensor_model_parallel_size": 2, "sequence_parallel": True},
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int, data: str, out: str) -> None:
@@ -62,7 +55,7 @@ def _assert_close(ours: list[float], reference: list[float], what: str) -> None:
 def test_two_processes_equal_one(setup: tuple[str, list[float]], tmp_path: Path) -> None:
     data, reference = setup
     out = tmp_path / "losses.json"
-    mp.spawn(_worker, args=(_free_port(), data, str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), data, str(out)), nprocs=WORLD, join=True)
     losses = json.loads(out.read_text())
     for name in CASES:
         _assert_close(losses[name], reference, name)

@@ -24,8 +24,7 @@ from qwen3_pretrain.config import parse_train_args
 from qwen3_pretrain.model.config import get_preset
 from qwen3_pretrain.model.qwen3 import Qwen3ForCausalLM
 from qwen3_pretrain.train.trainer import TrainResult, run_training
-from distributed_helpers import join_gloo_group, leave_gloo_group
-from test_train_dp import _free_port
+from distributed_helpers import free_port, join_gloo_group, leave_gloo_group
 from test_train_loop import tiny_flags, write_tiny_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -88,7 +87,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                "one process, from HF": _summary(run_training(parse_train_args(_flags(data, load=root / "ckpt" / "hf"))))}
     for world in (2, 4):
         out = root / f"world{world}.json"
-        mp.spawn(_worker, args=(world, _free_port(), data, str(root / "ckpt"), str(out)), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, free_port(), data, str(root / "ckpt"), str(out)), nprocs=world, join=True)
         results.update(json.loads(out.read_text()))
     for name in ("TP2", "PP2"):  # the moves into one process
         resumed = _flags(data, load=root / "ckpt" / name / f"iter_{SAVE_AT:07d}")

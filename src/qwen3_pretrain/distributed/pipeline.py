@@ -183,9 +183,6 @@ class StagesView(nn.Module):
             if stage.lm_head is not None:
                 self.lm_head = stage.lm_head
 
-    def forward(self, *args: Any) -> None:
-        raise TypeError("StagesView is not callable: run the pipeline stages through their schedule")
-
 
 # ---- tied embedding across the first and last stage -------------------------------------------------
 

@@ -50,7 +50,6 @@ from qwen3_pretrain.distributed.pipeline import (
     sync_tied_embedding_grads,
     tied_embedding_group,
 )
-from qwen3_pretrain.model.config import Qwen3Config
 from qwen3_pretrain.model.qwen3 import IGNORE_INDEX, Qwen3ForCausalLM, init_module_weights
 from qwen3_pretrain.train.metrics import (
     IterationLog,
@@ -223,12 +222,10 @@ def _load_initial_weights(model: nn.Module, config: TrainConfig, env: ParallelEn
         _, _, tensors = iter_mcore_as_hf(load, config=resolved.model_config)
         load_full_weights(model, tensors, f"--load {load}", elsewhere)
     elif fmt != "native":
-        _init_weights(model, env, config.training.seed, resolved.model_config, elsewhere)
+        _init_weights(model, env, config.training.seed, elsewhere)
 
 
-def _init_weights(
-    model: nn.Module, env: ParallelEnv, seed: int, cfg: Qwen3Config, elsewhere: frozenset[str]
-) -> None:
+def _init_weights(model: nn.Module, env: ParallelEnv, seed: int, elsewhere: frozenset[str]) -> None:
     """Random init with `seed`. On CPU meshes (where DTensor has no distributed RNG) every rank builds
     the same full model and keeps its slices, so any layout starts from the single-process weights.
     On accelerators each pipeline rank draws its own stages' weights from its own seed."""
@@ -239,10 +236,10 @@ def _init_weights(
 
             dtensor_random.manual_seed(seed + env.pp_rank, env.mesh)  # no RNG state sync across pp ranks
             torch.manual_seed(seed + env.pp_rank)
-        init_module_weights(model, cfg.initializer_range)
+        init_module_weights(model, model.config.initializer_range)
         return
     with torch.device("meta"):
-        full = Qwen3ForCausalLM(cfg)
+        full = Qwen3ForCausalLM(model.config)
     full.to_empty(device="cpu")
     full.tie_weights()
     full.init_weights()
