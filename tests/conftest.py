@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from qwen3_pretrain.model import kernels
 from qwen3_pretrain.tokenizer import build_qwen3_tokenizer
 
 
@@ -28,3 +29,10 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=["native", "via-float32"])
+def cpu_bf16_kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a bf16 test with torch's own CPU bf16 kernels and with bf16 on float32 units (`model.kernels`)."""
+    monkeypatch.setattr(kernels, "_cpu_bf16_via_float32", request.param == "via-float32")
+    return str(request.param)

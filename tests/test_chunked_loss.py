@@ -99,6 +99,7 @@ def test_function_equals_plain_cross_entropy_fp32(reduction: str, chunk: int) ->
         assert got.dtype == expected.dtype and _rel(got, expected) <= 1e-6, what
 
 
+@pytest.mark.usefixtures("cpu_bf16_kernels")
 def test_function_equals_plain_cross_entropy_bf16_and_autocast() -> None:
     exact = _grads(lambda h, w, y: causal_lm_loss(h.double() @ w.double().T, y), torch.float32)
     plain = _grads(lambda h, w, y: causal_lm_loss(h @ w.T, y), torch.bfloat16)
@@ -187,6 +188,7 @@ def test_model_loss_only_forward_equals_logits_path_fp32(tied: bool, reduction: 
         assert _rel(grad, expected[name]) <= 1e-6, name
 
 
+@pytest.mark.usefixtures("cpu_bf16_kernels")
 @pytest.mark.parametrize("tied", [True, False])
 def test_model_loss_only_forward_equals_logits_path_bf16(tied: bool) -> None:
     model = _model(tied, torch.bfloat16)

@@ -95,6 +95,81 @@ def test_attention_is_hf_causal_gqa_attention(kv_heads: int) -> None:
     torch.testing.assert_close(got[:, 0], v[:, 0].repeat_interleave(HEADS // kv_heads, dim=1), rtol=1e-6, atol=1e-6)
 
 
+# ---- bf16 on float32 units (CPUs without fast bf16 matmuls) ----------------------------------------
+
+
+def _saved_dtypes(fn: Any) -> tuple[Any, list[torch.dtype]]:
+    """fn()'s result and the dtypes of the tensors autograd saved for its backward."""
+    saved: list[torch.dtype] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        return fn(), saved
+
+
+def test_bf16_via_float32_applies_to_cpu_bf16_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels, "_cpu_bf16_via_float32", True)
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    assert kernels.bf16_via_float32(cpu, torch.bfloat16)
+    assert not kernels.bf16_via_float32(cpu, torch.float32) and not kernels.bf16_via_float32(cpu, torch.float16)
+    assert not kernels.bf16_via_float32(meta, torch.bfloat16)
+    monkeypatch.setattr(kernels, "_cpu_bf16_via_float32", False)
+    assert not kernels.bf16_via_float32(cpu, torch.bfloat16)
+
+
+@pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "bf16-tensors"])
+def test_linear_bf16_via_float32_is_a_float32_matmul_of_bf16_operands(
+    monkeypatch: pytest.MonkeyPatch, autocast: bool
+) -> None:
+    dtype = torch.float32 if autocast else torch.bfloat16  # the tensors' own dtype
+    x, w = _randn(B, S, 48, dtype=dtype).requires_grad_(), _randn(24, 48, dtype=dtype, seed=1).requires_grad_()
+
+    def run(via_float32: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.dtype]]:
+        monkeypatch.setattr(kernels, "_cpu_bf16_via_float32", via_float32)
+        x.grad = w.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out, saved = _saved_dtypes(lambda: kernels.linear(x, w))
+        out.float().pow(2).sum().backward()
+        return out, x.grad.clone(), w.grad.clone(), saved
+
+    out, grad_x, grad_w, saved = run(True)
+    rounded = (x.detach().bfloat16().float() @ w.detach().bfloat16().float().T).bfloat16()  # [b, s, 24]
+    assert out.dtype == torch.bfloat16 and torch.equal(out, rounded)
+    assert set(saved) == {torch.bfloat16}  # backward keeps bf16 operands, as a bf16 kernel would
+    assert grad_x.dtype == grad_w.dtype == dtype
+    native_out, native_grad_x, native_grad_w, _ = run(False)
+    assert _rel(out, native_out) <= 1e-2 and _rel(grad_x, native_grad_x) <= 1e-2 and _rel(grad_w, native_grad_w) <= 1e-2
+
+
+def test_linear_leaves_float32_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels, "_cpu_bf16_via_float32", True)
+    x, w = _randn(B, S, 48), _randn(24, 48, seed=1)
+    assert torch.equal(kernels.linear(x, w), F.linear(x, w))
+
+
+@pytest.mark.parametrize("kv_heads", [HEADS, KV_HEADS])
+def test_attention_bf16_via_float32_is_float32_attention_of_bf16_inputs(
+    monkeypatch: pytest.MonkeyPatch, kv_heads: int
+) -> None:
+    q = _randn(B, S, HEADS, D, dtype=torch.bfloat16)
+    k, v = _randn(B, S, kv_heads, D, dtype=torch.bfloat16, seed=1), _randn(B, S, kv_heads, D, dtype=torch.bfloat16, seed=2)
+    monkeypatch.setattr(kernels, "_cpu_bf16_via_float32", True)
+    got = kernels.attention(q, k, v, scale=D**-0.5)
+    expected = kernels.attention(q.float(), k.float(), v.float(), scale=D**-0.5).bfloat16()
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
+    monkeypatch.setattr(kernels, "_cpu_bf16_via_float32", False)
+    native = kernels.attention(q, k, v, scale=D**-0.5)
+    assert native.dtype == torch.bfloat16 and _rel(got, native) <= 1e-2
+
+
+def _rel(got: torch.Tensor, expected: torch.Tensor) -> float:
+    got, expected = got.detach().float(), expected.detach().float()
+    return float((got - expected).abs().max() / expected.abs().max())
+
+
 # ---- the npu backend, with a fake torch_npu ---------------------------------------------------------
 
 

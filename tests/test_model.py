@@ -64,14 +64,20 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-@pytest.mark.parametrize(("dtype", "attn", "tol"), [
-    (torch.float32, "eager", 1e-5),
-    # The issue asks for <= 2e-2 in bf16; we are bit-identical to HF on CPU, so hold a tighter bound.
-    (torch.bfloat16, "sdpa", 2e-3),
-])
-def test_logits_and_loss_match_transformers(
-    name: str, dtype: torch.dtype, attn: str, tol: float, tmp_path: Path
-) -> None:
+def test_fp32_logits_and_loss_match_transformers(name: str, tmp_path: Path) -> None:
+    check_parity_with_transformers(name, torch.float32, "eager", 1e-5, tmp_path)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_bf16_logits_and_loss_match_transformers(name: str, cpu_bf16_kernels: str, tmp_path: Path) -> None:
+    # torch's bf16 kernels are bit-identical to HF's (the same kernels), so hold 2e-3; bf16 on float32 units
+    # rounds at other points (float32 attention probabilities, summation order): the issue's 2e-2.
+    tol = 2e-3 if cpu_bf16_kernels == "native" else 2e-2
+    check_parity_with_transformers(name, torch.bfloat16, "sdpa", tol, tmp_path)
+
+
+def check_parity_with_transformers(name: str, dtype: torch.dtype, attn: str, tol: float, tmp_path: Path) -> None:
+    """Logits (default and spaced position ids) and loss of ours and HF's Qwen3 on the same saved weights."""
     config = CONFIGS[name]
     randomized(config).save_pretrained(tmp_path, dtype=dtype)
     ours = Qwen3ForCausalLM.from_pretrained(tmp_path, dtype=dtype).eval()

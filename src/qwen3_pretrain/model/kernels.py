@@ -1,4 +1,4 @@
-"""The device kernels of a Qwen3 block behind one dispatch point: rms_norm, apply_rotary, swiglu, attention.
+"""The device kernels of a Qwen3 block behind one dispatch point: linear, rms_norm, apply_rotary, swiglu, attention.
 
 Backends, chosen once per process at import from `distributed.device.device_type()`:
 
@@ -7,6 +7,14 @@ Backends, chosen once per process at import from `distributed.device.device_type
 - ``"npu"`` (Ascend, when torch_npu imports): torch_npu's fused kernels `npu_rms_norm`,
   `npu_rotary_mul`, `npu_swiglu` and `npu_fusion_attention`. DTensor inputs (tensor parallel) take
   the reference path, because those ops have no DTensor sharding rules.
+
+bf16 on a CPU without fast bf16 matmuls: torch sends CPU bf16 matmuls to oneDNN only where the CPU
+has AVX512 or AMX (`torch.ops.mkldnn._is_mkldnn_bf16_supported()`); elsewhere (AVX2) its fallback
+gemm and the bf16 flash attention run 6-100x slower than float32. There `linear` and `attention`
+compute bf16 work (bf16 operands, or autocast to bf16) as float32 matmuls of the bf16-rounded
+operands and round the result to bf16: the numerics of a bf16 kernel that accumulates in float32, at
+float32 speed. Backward saves the bf16 operands, so memory stays that of bf16. `bf16_via_float32`
+tells other matmul code (the chunked LM-head loss) to do the same.
 
 `select_backend(name)` overrides the choice (tests, or to rule a fused kernel out). The choice is a
 module global, so `torch.compile` traces only the selected branch and guards on it.
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +43,16 @@ _NPU_CAUSAL_MASK_SIZE = 2048
 _backend: str = "torch"
 _torch_npu: ModuleType | None = None
 _npu_causal_masks: dict[torch.device, torch.Tensor] = {}
+
+
+def _cpu_has_fast_bf16_matmul() -> bool:
+    """Whether torch runs CPU bf16 matmuls with oneDNN (AVX512 / AMX / Arm bf16) rather than its slow fallback."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check()) if check is not None else True
+
+
+# True where CPU bf16 matmuls and attention run as float32 computations of bf16 operands (see above).
+_cpu_bf16_via_float32: bool = not _cpu_has_fast_bf16_matmul()
 
 
 def select_backend(name: str | None = None) -> str:
@@ -59,6 +78,55 @@ def _npu_for(*tensors: torch.Tensor) -> ModuleType | None:
     if _torch_npu is None or any(isinstance(t, DTensor) for t in tensors):
         return None
     return _torch_npu
+
+
+# ---- matmuls --------------------------------------------------------------------------------------
+
+
+def bf16_via_float32(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `dtype` matmuls on `device` run as float32 matmuls of bf16-rounded operands (see the module doc)."""
+    return _cpu_bf16_via_float32 and device.type == "cpu" and dtype == torch.bfloat16
+
+
+def _computes_bf16_via_float32(*tensors: torch.Tensor) -> bool:
+    """`bf16_via_float32` for an op on plain `tensors` computing in autocast's dtype, else the first tensor's."""
+    x = tensors[0]
+    if any(isinstance(t, DTensor) for t in tensors):
+        return False
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    return bf16_via_float32(x.device, dtype)
+
+
+def _float32_matmul_rounded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b of bf16 tensors with float32 units, rounded to bf16: a bf16 kernel's numerics (float32 accumulation)."""
+    return torch.matmul(a.float(), b.float()).to(torch.bfloat16)
+
+
+class _Bf16LinearViaFloat32(torch.autograd.Function):
+    """x [..., in] @ weight [out, in].T for bf16 x and weight, each matmul (forward and both grads) in float32."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, weight)  # bf16: the memory a bf16 kernel's backward keeps
+        return _float32_matmul_rounded(x, weight.T)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        grad_x = _float32_matmul_rounded(grad, weight) if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            rows = grad.flatten(0, -2).T  # [out, tokens]
+            grad_weight = _float32_matmul_rounded(rows, x.flatten(0, -2))  # [out, tokens] @ [tokens, in]
+        return grad_x, grad_weight
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`F.linear(x, weight)` without bias; CPU bf16 work on float32 units where that is faster (see the module doc)."""
+    if _computes_bf16_via_float32(x, weight):
+        with torch.autocast("cpu", enabled=False):  # the casts autocast would make, then no second cast
+            return _Bf16LinearViaFloat32.apply(x.to(torch.bfloat16), weight.to(torch.bfloat16))
+    return F.linear(x, weight)
 
 
 # ---- RMSNorm -------------------------------------------------------------------------------------
@@ -121,6 +189,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
             q, k, v, q.shape[2], "BSND",
             atten_mask=_npu_causal_mask(q.device), scale=scale, keep_prob=1.0, sparse_mode=_NPU_CAUSAL_SPARSE_MODE,
         )[0]
+    if _computes_bf16_via_float32(q, k, v):  # bf16-rounded inputs, float32 attention, bf16 output
+        with torch.autocast("cpu", enabled=False):
+            q, k, v = (t.to(torch.bfloat16).float() for t in (q, k, v))
+            return _sdpa(q, k, v, scale).to(torch.bfloat16)
+    return _sdpa(q, k, v, scale)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal GQA `F.scaled_dot_product_attention` on BSND tensors."""
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [b, (kv_)heads, s, d]
         is_causal=True, scale=scale, enable_gqa=q.shape[2] != k.shape[2],

@@ -2,7 +2,7 @@
 
 No parallel code here. Head counts are inferred from projection widths (`view(b, s, -1, head_dim)`),
 so tensor parallelism can shard heads from outside without touching these modules. The math of the
-norms, RoPE, SwiGLU and attention goes through `model.kernels`, which picks the device's fused
+projections, norms, RoPE, SwiGLU and attention goes through `model.kernels`, which picks the device's fused
 kernels. `DecoderLayer.forward` compiles with `torch.compile(fullgraph=True)` (no graph breaks).
 """
 
@@ -13,6 +13,16 @@ from torch import nn
 
 from qwen3_pretrain.model import kernels
 from qwen3_pretrain.model.config import Qwen3Config
+
+
+class Linear(nn.Linear):
+    """A bias-free `nn.Linear` (same parameter, name and TP sharding rules) whose matmul is `kernels.linear`."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(x, self.weight)
 
 
 class RMSNorm(nn.Module):
@@ -71,10 +81,10 @@ class Attention(nn.Module):
         super().__init__()
         d, h = config.head_dim, config.hidden_size
         self.head_dim = d
-        self.q_proj = nn.Linear(h, config.num_attention_heads * d, bias=False)
-        self.k_proj = nn.Linear(h, config.num_key_value_heads * d, bias=False)
-        self.v_proj = nn.Linear(h, config.num_key_value_heads * d, bias=False)
-        self.o_proj = nn.Linear(config.num_attention_heads * d, h, bias=False)
+        self.q_proj = Linear(h, config.num_attention_heads * d)
+        self.k_proj = Linear(h, config.num_key_value_heads * d)
+        self.v_proj = Linear(h, config.num_key_value_heads * d)
+        self.o_proj = Linear(config.num_attention_heads * d, h)
         self.q_norm = RMSNorm(d, config.rms_norm_eps)
         self.k_norm = RMSNorm(d, config.rms_norm_eps)
 
@@ -93,9 +103,9 @@ class MLP(nn.Module):
 
     def __init__(self, config: Qwen3Config) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))

@@ -21,6 +21,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from qwen3_pretrain.model import kernels
+
 IGNORE_INDEX = -100
 LossReduction = Literal["mean", "sum"]
 REDUCTIONS: tuple[str, ...] = ("mean", "sum")
@@ -53,8 +55,10 @@ def chunked_lm_head_loss(
 
     hidden [..., hidden_size], weight [vocab, hidden_size] (the LM head), labels [...] (hidden's
     leading shape). The matmuls run in the autocast dtype when autocast is on for hidden's device,
-    else in hidden's dtype, as `nn.Linear` would; softmax and loss in float32. Plain tensors only
-    (a vocab-sharded DTensor head needs the plain path under `loss_parallel`).
+    else in hidden's dtype, as `nn.Linear` would; where `kernels.bf16_via_float32` says so, bf16 runs
+    as float32 matmuls of the bf16-rounded weight and hidden states, all else in float32. Softmax and
+    loss in float32. Plain tensors only (a vocab-sharded DTensor head needs the plain path under
+    `loss_parallel`).
     """
     _check_reduction(reduction)
     if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
@@ -63,11 +67,12 @@ def chunked_lm_head_loss(
         raise ValueError(f"labels of shape {tuple(labels.shape)} do not match hidden states {tuple(hidden.shape)}")
     device_type = hidden.device.type
     autocast = torch.is_autocast_enabled(device_type)
-    compute_dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
+    operand_dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
+    compute_dtype = torch.float32 if kernels.bf16_via_float32(hidden.device, operand_dtype) else operand_dtype
     with torch.autocast(device_type, enabled=False):
         return _ChunkedLinearCrossEntropy.apply(
             hidden.flatten(0, -2), weight, labels.flatten(),  # [n, hidden_size], [vocab, hidden_size], [n]
-            chunk_tokens, reduction, compute_dtype, torch.is_grad_enabled(),
+            chunk_tokens, reduction, operand_dtype, compute_dtype, torch.is_grad_enabled(),
         )
 
 
@@ -82,37 +87,42 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         labels: torch.Tensor,
         chunk_tokens: int,
         reduction: str,
+        operand_dtype: torch.dtype,
         compute_dtype: torch.dtype,
         grad_enabled: bool,
     ) -> torch.Tensor:
         want_hidden_grad = grad_enabled and ctx.needs_input_grad[0]
         want_weight_grad = grad_enabled and ctx.needs_input_grad[1]
-        w = weight.to(compute_dtype)
+        w = weight.to(operand_dtype).to(compute_dtype)  # rounded to the operand dtype, computed in compute_dtype
         valid = labels != IGNORE_INDEX  # [n]
         targets = labels.masked_fill(~valid, 0).unsqueeze(1)  # [n, 1], ignored rows point at word 0
         # d(loss)/d(logit) of each token carries the reduction's factor: 1 / (non-ignored count) or 1.
         token_weight = valid.float() / valid.sum() if reduction == "mean" else valid.float()  # [n]
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if want_hidden_grad else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight_grad else None
+        grad_weight: torch.Tensor | None = None  # float32 [v, h], from the first chunk's product (no zero fill)
         for start in range(0, hidden.shape[0], chunk_tokens):
             rows = slice(start, start + chunk_tokens)
-            h = hidden[rows].to(compute_dtype)  # [c, h]
-            logits = (h @ w.T).float()  # [c, v]; may alias the matmul output (fp32), changed in place below
-            lse = logits.logsumexp(dim=-1)  # [c]
-            target_logit = logits.gather(1, targets[rows]).squeeze(1)  # [c]
-            loss += ((lse - target_logit) * token_weight[rows]).sum()
+            h = hidden[rows].to(operand_dtype).to(compute_dtype)  # [c, h]
+            row_weight = token_weight[rows]  # [c]
+            log_probs = (h @ w.T).float().log_softmax(dim=-1)  # [c, v]: one fused pass, no separate logsumexp
+            loss -= (log_probs.gather(1, targets[rows]).squeeze(1) * row_weight).sum()
             if not (want_hidden_grad or want_weight_grad):
                 continue
-            grad_logits = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax [c, v]
-            grad_logits.scatter_add_(1, targets[rows], torch.full_like(target_logit, -1.0).unsqueeze(1))
-            grad_logits = grad_logits.mul_(token_weight[rows].unsqueeze(1)).to(compute_dtype)  # [c, v]
+            grad_logits = log_probs.exp_()  # softmax [c, v], in place
+            grad_logits.scatter_add_(1, targets[rows], torch.full_like(row_weight, -1.0).unsqueeze(1))
+            # softmax - one_hot [c, v]; the token weights scale the small [c, h] side instead of this one
+            grad_logits = grad_logits.to(compute_dtype)
             if grad_hidden is not None:
-                grad_hidden[rows] = grad_logits @ w  # [c, h]
-            if grad_weight is not None and grad_weight.dtype == compute_dtype:
-                grad_weight.addmm_(grad_logits.T, h)  # [v, h]
-            elif grad_weight is not None:
-                grad_weight += grad_logits.T @ h  # [v, h], rounded per chunk, summed in float32
+                grad_hidden[rows] = (grad_logits @ w) * row_weight.unsqueeze(1)  # [c, h]
+            if want_weight_grad:
+                h = h * row_weight.unsqueeze(1).to(compute_dtype)  # [c, h]
+                if grad_weight is None:
+                    grad_weight = (grad_logits.T @ h).float()  # [v, h]
+                elif grad_weight.dtype == compute_dtype:
+                    grad_weight.addmm_(grad_logits.T, h)  # [v, h]
+                else:
+                    grad_weight += grad_logits.T @ h  # [v, h], rounded per chunk, summed in float32
         ctx.grads = (grad_hidden, grad_weight)  # plain attributes: freed by the one backward that uses them
         ctx.weight_dtype = weight.dtype
         return loss
@@ -130,4 +140,4 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_hidden = grad_hidden.mul_(grad_loss)  # in place: no second hidden- or weight-sized buffer
         if grad_weight is not None:
             grad_weight = grad_weight.mul_(grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None

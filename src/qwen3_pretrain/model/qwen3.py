@@ -38,7 +38,7 @@ from qwen3_pretrain.checkpoint.hf import (
     save_hf_state_dict,
 )
 from qwen3_pretrain.model.config import Qwen3Config
-from qwen3_pretrain.model.layers import DecoderLayer, RMSNorm, RotaryEmbedding
+from qwen3_pretrain.model.layers import DecoderLayer, Linear, RMSNorm, RotaryEmbedding
 # IGNORE_INDEX is also imported from here (trainer, pipeline).
 from qwen3_pretrain.model.loss import IGNORE_INDEX, LossReduction, causal_lm_loss, chunked_lm_head_loss
 
@@ -162,7 +162,7 @@ class Qwen3ForCausalLM(nn.Module):
         self.config = config
         self.loss_chunk_tokens: int | None = DEFAULT_LOSS_CHUNK_TOKENS
         self.model = Qwen3Model(config)
-        self.lm_head: nn.Linear | None = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head: nn.Linear | None = Linear(config.hidden_size, config.vocab_size)
         self.tie_weights()
         if not self.lm_head.weight.is_meta:  # meta tensors hold no values; materialise, then init_weights()
             self.init_weights()
