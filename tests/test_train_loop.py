@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from qwen3_pretrain.config import TrainConfig, parse_train_args
 from qwen3_pretrain.data.gpt_dataset import build_gpt_datasets
 from qwen3_pretrain.data.indexed import IndexedDatasetWriter
-from qwen3_pretrain.model import Qwen3ForCausalLM
+from qwen3_pretrain.model import Qwen3ForCausalLM, kernels
 from qwen3_pretrain.train import trainer
 from qwen3_pretrain.train.trainer import TrainingError, TrainResult, run_training
 
@@ -295,3 +295,18 @@ def test_load_initial_weights_from_hf_and_mcore(dataset: str, tmp_path: Path) ->
     mcore = parse_train_args(tiny_flags(dataset, model=None, load=tmp_path / "mcore"))
     assert mcore.resolved.load_format == "mcore"
     assert_close(run_training(mcore).losses, reference)
+
+
+def test_bf16_training_on_either_cpu_bf16_kernel_path(dataset: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--bf16 trains the same with torch's CPU bf16 kernels and on float32 units, and says which it uses."""
+    runs: dict[bool, TrainResult] = {}
+    for via_float32 in (False, True):
+        monkeypatch.setattr(kernels, "_cpu_bf16_via_float32", via_float32)
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            runs[via_float32] = run_training(parse_train_args(tiny_flags(dataset, bf16=True, log_interval=1)))
+        assert ("float32 matmuls of bf16-rounded operands" in stdout.getvalue()) == via_float32
+    native, via = runs[False], runs[True]
+    assert all(map(math.isfinite, via.losses)) and via.losses[-1] < via.losses[0]
+    assert via.losses == pytest.approx(native.losses, rel=2e-2)
+    assert via.grad_norms == pytest.approx(native.grad_norms, rel=5e-2)

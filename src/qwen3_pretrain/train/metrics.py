@@ -16,6 +16,7 @@ import torch
 from qwen3_pretrain.config import TrainConfig, schedule_steps
 from qwen3_pretrain.distributed.mesh import ParallelEnv
 from qwen3_pretrain.distributed.planner import DEVICE_SPECS
+from qwen3_pretrain.model import kernels
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -170,6 +171,8 @@ def startup_summary(config: TrainConfig, env: ParallelEnv, compute_dtype: torch.
     if env.world_size == 1:
         dp_mode = "single process"
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(compute_dtype, "fp32")
+    if kernels.bf16_via_float32(env.device, compute_dtype):
+        precision += " (this CPU has no fast bf16 matmul: float32 matmuls of bf16-rounded operands)"
     steps = schedule_steps(config, r.train_iters, r.global_batch_size)
     memory = config.memory_estimate().as_gib()
     parts = ", ".join(f"{k} {v:.2f}" for k, v in memory.items() if k != "total")
