@@ -11,7 +11,8 @@ Each (implementation, dtype) variant runs in a fresh process so peak memory is i
 `max_memory_allocated` during training on CUDA/NPU, growth of the peak RSS since start-up on CPU.
 The device's dense-matmul peak (fp32 and bf16, a large square matmul) is measured in the same run
 (bf16 on a CPU without fast bf16 matmuls: through the model's float32 path, `model.kernels`, which is
-faster there than torch's own bf16 gemm; both are reported); MFU = model TFLOP/s / that peak (`mfu_spec` uses the datasheet bf16 peak where the device is known).
+faster there than torch's own bf16 gemm; both are reported); MFU = model TFLOP/s / that peak
+(`mfu_spec` uses the datasheet bf16 peak where the device is known).
 Model FLOPs per token are `Qwen3Config.flops_per_token`, which counts the LM-head matmul even when
 it is tied.
 

@@ -17,6 +17,7 @@ from transformers.models.qwen3 import modeling_qwen3 as hf
 
 from qwen3_pretrain.model import Qwen3Config, kernels
 from qwen3_pretrain.model.layers import DecoderLayer, RotaryEmbedding
+from test_model import rel_err
 
 B, S, HEADS, KV_HEADS, D = 2, 11, 4, 2, 16
 
@@ -133,7 +134,7 @@ def test_linear_bf16_via_float32_is_a_float32_matmul_of_bf16_operands(
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             out, saved = _saved_dtypes(lambda: kernels.linear(x, w))
         out.float().pow(2).sum().backward()
-        return out, x.grad.clone(), w.grad.clone(), saved
+        return out.detach(), x.grad.clone(), w.grad.clone(), saved
 
     out, grad_x, grad_w, saved = run(True)
     rounded = (x.detach().bfloat16().float() @ w.detach().bfloat16().float().T).bfloat16()  # [b, s, 24]
@@ -141,7 +142,8 @@ def test_linear_bf16_via_float32_is_a_float32_matmul_of_bf16_operands(
     assert set(saved) == {torch.bfloat16}  # backward keeps bf16 operands, as a bf16 kernel would
     assert grad_x.dtype == grad_w.dtype == dtype
     native_out, native_grad_x, native_grad_w, _ = run(False)
-    assert _rel(out, native_out) <= 1e-2 and _rel(grad_x, native_grad_x) <= 1e-2 and _rel(grad_w, native_grad_w) <= 1e-2
+    for got, native in ((out, native_out), (grad_x, native_grad_x), (grad_w, native_grad_w)):
+        assert rel_err(got, native) <= 1e-2
 
 
 def test_linear_leaves_float32_alone(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -155,19 +157,15 @@ def test_attention_bf16_via_float32_is_float32_attention_of_bf16_inputs(
     monkeypatch: pytest.MonkeyPatch, kv_heads: int
 ) -> None:
     q = _randn(B, S, HEADS, D, dtype=torch.bfloat16)
-    k, v = _randn(B, S, kv_heads, D, dtype=torch.bfloat16, seed=1), _randn(B, S, kv_heads, D, dtype=torch.bfloat16, seed=2)
+    k = _randn(B, S, kv_heads, D, dtype=torch.bfloat16, seed=1)
+    v = _randn(B, S, kv_heads, D, dtype=torch.bfloat16, seed=2)
     monkeypatch.setattr(kernels, "_cpu_bf16_via_float32", True)
     got = kernels.attention(q, k, v, scale=D**-0.5)
     expected = kernels.attention(q.float(), k.float(), v.float(), scale=D**-0.5).bfloat16()
     assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
     monkeypatch.setattr(kernels, "_cpu_bf16_via_float32", False)
     native = kernels.attention(q, k, v, scale=D**-0.5)
-    assert native.dtype == torch.bfloat16 and _rel(got, native) <= 1e-2
-
-
-def _rel(got: torch.Tensor, expected: torch.Tensor) -> float:
-    got, expected = got.detach().float(), expected.detach().float()
-    return float((got - expected).abs().max() / expected.abs().max())
+    assert native.dtype == torch.bfloat16 and rel_err(got, native) <= 1e-2
 
 
 # ---- the npu backend, with a fake torch_npu ---------------------------------------------------------

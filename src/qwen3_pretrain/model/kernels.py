@@ -88,13 +88,17 @@ def bf16_via_float32(device: torch.device, dtype: torch.dtype) -> bool:
     return _cpu_bf16_via_float32 and device.type == "cpu" and dtype == torch.bfloat16
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype an op on `x` computes in: autocast's for x's device when autocast is on there, else x's own."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+
+
 def _computes_bf16_via_float32(*tensors: torch.Tensor) -> bool:
-    """`bf16_via_float32` for an op on plain `tensors` computing in autocast's dtype, else the first tensor's."""
-    x = tensors[0]
+    """`bf16_via_float32` for an op on plain `tensors` computing in `compute_dtype` of the first."""
     if any(isinstance(t, DTensor) for t in tensors):
         return False
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-    return bf16_via_float32(x.device, dtype)
+    return bf16_via_float32(tensors[0].device, compute_dtype(tensors[0]))
 
 
 def _float32_matmul_rounded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -65,11 +65,9 @@ def chunked_lm_head_loss(
         raise ValueError(f"chunk_tokens must be a positive integer, got {chunk_tokens!r}")
     if labels.shape != hidden.shape[:-1]:
         raise ValueError(f"labels of shape {tuple(labels.shape)} do not match hidden states {tuple(hidden.shape)}")
-    device_type = hidden.device.type
-    autocast = torch.is_autocast_enabled(device_type)
-    operand_dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
+    operand_dtype = kernels.compute_dtype(hidden)
     compute_dtype = torch.float32 if kernels.bf16_via_float32(hidden.device, operand_dtype) else operand_dtype
-    with torch.autocast(device_type, enabled=False):
+    with torch.autocast(hidden.device.type, enabled=False):
         return _ChunkedLinearCrossEntropy.apply(
             hidden.flatten(0, -2), weight, labels.flatten(),  # [n, hidden_size], [vocab, hidden_size], [n]
             chunk_tokens, reduction, operand_dtype, compute_dtype, torch.is_grad_enabled(),
