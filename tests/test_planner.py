@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -10,6 +11,7 @@ from qwen3_pretrain.distributed.planner import (
     GIB,
     RECOMPUTE_CHOICES,
     Layout,
+    MemoryEstimate,
     enumerate_layouts,
     estimate_memory,
     estimate_step_time,
@@ -99,6 +101,26 @@ def test_compute_copies_of_the_weights() -> None:
     root = cfg.vocab_size * cfg.hidden_size + cfg.hidden_size  # tied embedding + final norm
     block = (params - root) / cfg.num_hidden_layers
     assert sharded.weights == pytest.approx(4 * params / 8 + 2 * (root + 2 * block))  # + unsharded bf16 root, 2 blocks
+
+
+def test_chunked_loss_weight_copy_depends_on_the_weight_it_is_given_and_the_matmul_units() -> None:
+    cfg = get_preset("qwen3-1.7b")
+    params, lm_head = cfg.num_parameters(), cfg.vocab_size * cfg.hidden_size
+    blocks = params - lm_head - cfg.hidden_size  # tied embedding + final norm are not cast by autocast
+
+    def estimate(layout: Layout, **kwargs: Any) -> MemoryEstimate:
+        return estimate_memory(cfg, layout, 4096, loss_chunk_tokens=1024, **kwargs)
+
+    one, fsdp = Layout(1, 1, 1, 1), Layout(1, 1, 8, 1)
+    native = estimate(one)
+    assert native.weights == pytest.approx(4 * params + 2 * blocks)  # the loss casts the head, not autocast
+    # one process: a bf16 copy of the fp32 head, or a float32 copy of its bf16 rounding on float32 units
+    assert estimate(one, bf16_float32_matmuls=True).logits - native.logits == pytest.approx(2 * lm_head)
+    # FSDP2 hands the loss its bf16 unsharded head: read as is, or copied to float32 on float32 units
+    assert estimate(fsdp, bf16_float32_matmuls=True).logits - estimate(fsdp).logits == pytest.approx(4 * lm_head)
+    fp32 = estimate(one, compute_dtype_bytes=4)
+    assert estimate(one, compute_dtype_bytes=4, bf16_float32_matmuls=True) == fp32  # no bf16 matmuls to move
+    assert fp32.logits < native.logits  # fp32 reads the master weight itself
 
 
 def test_pipeline_bubble_and_tp_traffic_slow_the_step() -> None:

@@ -1,8 +1,10 @@
 """The planner's memory estimate is within 20% of the measured peak of real training runs on CPU.
 
 Each layout trains a small Qwen3 (4 layers, hidden 256, vocabulary 8192 or 512: 4-6M parameters,
-90-430 MB at the peak) for two fp32 iterations of two micro batches each, so the gradients of the
-first micro batch are alive during the second one's forward, as the planner assumes. One process
+90-430 MB at the peak) for two iterations of two micro batches each, so the gradients of the
+first micro batch are alive during the second one's forward, as the planner assumes. The runs are
+fp32 but for two bf16 ones, which on a CPU without bf16 units take the float32-matmul path
+(`kernels.bf16_via_float32`) the estimate accounts for, as `train` does. One process
 runs the single-process layouts one after the other, two torchrun processes (gloo) the FSDP2 and
 the tensor + sequence parallel layouts; every rank reports its own peak.
 
@@ -26,6 +28,7 @@ loss buffers (micro batch 4) or the recomputed block (full recompute) would be o
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import gc
 import json
 import os
@@ -41,8 +44,7 @@ import torch.distributed as dist
 
 from distributed_helpers import exit_after, run_as_torchrun
 from qwen3_pretrain.config import parse_train_args
-from qwen3_pretrain.distributed.planner import Layout, estimate_memory
-from qwen3_pretrain.model.qwen3 import DEFAULT_LOSS_CHUNK_TOKENS
+from qwen3_pretrain.distributed.planner import Layout
 from qwen3_pretrain.train.trainer import run_training
 from test_train_loop import tiny_flags, write_tiny_dataset
 
@@ -64,6 +66,7 @@ class Case:
     name: str
     layout: Layout
     vocab: int = 8192
+    bf16: bool = False
 
     def flags(self, data: str, tiny: bool = False) -> list[str]:
         """Training flags of this layout (two micro batches per step); `tiny`: the qwen3-tiny warm-up run."""
@@ -73,6 +76,7 @@ class Case:
             "micro_batch_size": mbs, "global_batch_size": 2 * mbs * lay.dp,
             "tensor_model_parallel_size": lay.tp, "sequence_parallel": lay.sequence_parallel,
             "recompute_granularity": None if lay.recompute == "none" else lay.recompute, "no_shard": not lay.shard,
+            "bf16": self.bf16,
         }
         shape = {} if tiny else {**SHAPE, "padded_vocab_size": self.vocab}
         return tiny_flags(data, **RUN, **parallel, **shape)
@@ -84,6 +88,8 @@ CASES = [
     Case("1 process, selective recompute, vocab 512", Layout(1, 1, 1, 4, "selective"), vocab=512),
     Case("1 process, full recompute, vocab 512", Layout(1, 1, 1, 4, "full"), vocab=512),
     Case("FSDP2 over 2 processes", Layout(1, 1, 2, 4)),
+    Case("1 process, bf16, micro batch 4", Layout(1, 1, 1, 4), bf16=True),
+    Case("FSDP2 over 2 processes, bf16", Layout(1, 1, 2, 4), bf16=True),
     Case("TP 2 + sequence parallel", Layout(2, 1, 1, 4, sequence_parallel=True)),
 ]
 
@@ -157,9 +163,8 @@ def measured(tmp_path_factory: pytest.TempPathFactory, data: str) -> Callable[[i
 def test_estimate_within_20_percent_of_measured_peak(
     case: Case, data: str, measured: Callable[[int], list[dict[str, int]]]
 ) -> None:
-    cfg = parse_train_args(case.flags(data), world_size=case.layout.world_size).require_resolved().model_config
-    estimate = estimate_memory(cfg, case.layout, SEQ, compute_dtype_bytes=4, overhead_bytes=0,
-                               loss_chunk_tokens=DEFAULT_LOSS_CHUNK_TOKENS)
+    config = parse_train_args(case.flags(data), world_size=case.layout.world_size)
+    estimate = dataclasses.replace(config.memory_estimate(), overhead=0)  # what `train` checks, less the fixed part
     parts = ", ".join(f"{k} {v * 1024:.1f}" for k, v in estimate.as_gib().items())
     for rank, peaks in enumerate(measured(case.layout.world_size)):
         peak = peaks[case.name]

@@ -390,7 +390,11 @@ class TrainConfig:
 
     def memory_estimate(self) -> MemoryEstimate:
         """The planner's memory estimate per device for this (validated) run's layout."""
+        import torch
+
+        from qwen3_pretrain.distributed.device import local_device
         from qwen3_pretrain.distributed.planner import Layout, estimate_memory
+        from qwen3_pretrain.model import kernels
         from qwen3_pretrain.model.qwen3 import DEFAULT_LOSS_CHUNK_TOKENS
 
         r, par = self.require_resolved(), self.parallel
@@ -401,7 +405,9 @@ class TrainConfig:
         )
         compute_bytes = 2 if self.precision.bf16 or self.precision.fp16 else 4
         return estimate_memory(r.model_config, layout, self.data.seq_length, compute_dtype_bytes=compute_bytes,
-                               loss_chunk_tokens=DEFAULT_LOSS_CHUNK_TOKENS)
+                               loss_chunk_tokens=DEFAULT_LOSS_CHUNK_TOKENS,
+                               bf16_float32_matmuls=self.precision.bf16
+                               and kernels.bf16_via_float32(local_device(), torch.bfloat16))
 
     def _check_memory_fits(self) -> None:
         """Refuse a layout whose memory estimate exceeds the device memory (--skip-memory-check to try anyway)."""

@@ -6,7 +6,7 @@ The memory model counts what our implementation keeps alive at the peak of a ste
   copies: FSDP2's unsharded root parameters (embedding, head, final norm; kept from forward to the
   end of backward) and two unsharded blocks (one computing, one prefetched); with `no_shard`,
   FSDP2's replicate keeps the unsharded copy of every weight through the step, and one process
-  with bf16/fp16 autocast a cast copy of every weight;
+  with bf16/fp16 autocast a cast copy of every block weight (of the LM head too on the plain loss path);
 - activations saved for backward, per token and layer, counted tensor by tensor for our Qwen3
   block (see `_layer_activation_bytes`), times the tokens in flight: micro batch x seq for each of
   the `pp - stage` micro batches 1F1B keeps in flight on the first stage;
@@ -167,16 +167,18 @@ def _backward_bytes(cfg: Qwen3Config, layout: Layout, compute_bytes: int) -> flo
 
 
 def _loss_bytes(
-    cfg: Qwen3Config, layout: Layout, compute_bytes: int, tokens: int, loss_chunk_tokens: int | None
+    cfg: Qwen3Config, layout: Layout, compute_bytes: int, tokens: int, loss_chunk_tokens: int | None,
+    weight_copy_bytes: float,
 ) -> float:
     """Bytes alive on the last stage during the loss of one micro batch of `tokens` tokens.
 
     The final norm (`_norm_bytes`, its output kept by the LM head), then either the chunked LM
     head + loss (`model.loss`, used without tp: a vocab-sharded head takes the plain path) or the
-    plain path. Chunked, per (token, word) of a chunk: the float32 logits and logsumexp's float32
-    temporary, and from the second chunk on also the previous chunk's logits, which the loop still
-    holds while the next chunk's matmul runs (8 or 12 bytes, in bf16 as in fp32); plus the gradients
-    it computes in the forward: the LM-head weight's (float32) and the hidden states' (compute dtype).
+    plain path. Chunked, per (token, word) of a chunk: the float32 logits and their float32
+    log-softmax, and from the second chunk on also the previous chunk's log-softmax, which the loop
+    still holds while the next chunk's matmul runs (8 or 12 bytes, in bf16 as in fp32); plus the
+    gradients it computes in the forward, the LM-head weight's (float32) and the hidden states'
+    (compute dtype), and the copy of the LM-head weight its matmuls read (`_loss_weight_copy_bytes`).
     Plain, per (token, local word), at the start of backward: the saved float32 log-softmax, the
     buffer nll_loss scatters into and the log-softmax gradient (12 bytes), plus the exp() temporary
     of `loss_parallel`'s backward under tp or, in bf16, the gradient's cast to the logits' dtype.
@@ -184,12 +186,34 @@ def _loss_bytes(
     c, h = compute_bytes, cfg.hidden_size
     final_norm = _norm_bytes(cfg, layout, c) * tokens
     vocab = cfg.vocab_size / layout.tp
-    if loss_chunk_tokens is None or layout.tp > 1:
+    if not _chunked_loss(layout, loss_chunk_tokens):
         per_logit = 12 + (4 if layout.tp > 1 else 0) + (c if c != 4 else 0)
         return final_norm + per_logit * tokens * vocab
     chunk = min(tokens, loss_chunk_tokens)
     per_logit = 8 if tokens <= loss_chunk_tokens else 12
-    return final_norm + per_logit * chunk * vocab + 4 * vocab * h + c * tokens * h
+    return final_norm + per_logit * chunk * vocab + 4 * vocab * h + c * tokens * h + weight_copy_bytes
+
+
+def _chunked_loss(layout: Layout, loss_chunk_tokens: int | None) -> bool:
+    """Whether the loss takes the chunked path (a vocab-sharded head under tp takes the plain one)."""
+    return loss_chunk_tokens is not None and layout.tp == 1
+
+
+def _loss_weight_copy_bytes(
+    cfg: Qwen3Config, layout: Layout, compute_bytes: int, master_bytes: int, bf16_float32_matmuls: bool
+) -> float:
+    """Bytes of the LM-head weight copy the chunked loss casts for its matmuls (`model.loss`).
+
+    The loss reads the weight rounded to the compute dtype, as float32 where bf16 matmuls run on
+    float32 units (`bf16_float32_matmuls`), else in the compute dtype. The weight it is given is the
+    fp32 master weight in one process, FSDP2's unsharded copy in the compute dtype otherwise; only
+    when that already is the dtype and precision the matmuls need is no copy made.
+    """
+    given = master_bytes if layout.world_size == 1 else compute_bytes
+    operand = 4 if bf16_float32_matmuls and compute_bytes == 2 else compute_bytes
+    if given == compute_bytes == operand:
+        return 0.0
+    return operand * cfg.vocab_size * cfg.hidden_size
 
 
 def estimate_memory(
@@ -200,12 +224,15 @@ def estimate_memory(
     master_bytes: int = 4,
     overhead_bytes: float = 0.5 * GIB,
     loss_chunk_tokens: int | None = None,
+    bf16_float32_matmuls: bool = False,
 ) -> MemoryEstimate:
     """Peak memory per device of one training step.
 
     compute_dtype_bytes: 2 for bf16/fp16 compute, 4 for fp32. master_bytes: bytes per stored
     weight/gradient element (fp32 = 4). loss_chunk_tokens: tokens per LM-head chunk when the loss is
-    computed in chunks (None = all tokens of the micro batch at once).
+    computed in chunks (None = all tokens of the micro batch at once). bf16_float32_matmuls: bf16
+    matmuls run as float32 matmuls of rounded operands (`kernels.bf16_via_float32`: CPUs without
+    bf16 units).
     """
     c = compute_dtype_bytes
     params = _stage_params(cfg, layout)
@@ -214,8 +241,10 @@ def estimate_memory(
     gradients = master_bytes * params / shard
     optimizer = 8 * params / shard
     if layout.world_size == 1:
-        if c != master_bytes:  # autocast caches a cast copy of every weight, and backward keeps it
-            weights += c * params
+        if c != master_bytes:  # autocast caches a cast copy of every weight it casts, and backward keeps it:
+            # the blocks', and the LM head's on the plain loss path (the embedding lookup casts nothing)
+            lm_head = 0 if _chunked_loss(layout, loss_chunk_tokens) else cfg.vocab_size * cfg.hidden_size
+            weights += c * (params - _head_params(cfg, layout) + lm_head)
     elif not layout.shard:  # FSDP2's replicate keeps every unsharded compute copy from forward to backward
         weights += c * params
     else:  # FSDP2 gathers unsharded compute copies (even over one dp rank): the root's, kept until the
@@ -225,7 +254,8 @@ def estimate_memory(
     layers_per_stage = math.ceil(cfg.num_hidden_layers / layout.pp)
     in_flight = layout.pp  # 1F1B: the first stage holds pp micro batches
     activations = _saved_layer_bytes(cfg, layout, c) * tokens * layers_per_stage * in_flight
-    logits = _loss_bytes(cfg, layout, c, tokens, loss_chunk_tokens)
+    weight_copy = _loss_weight_copy_bytes(cfg, layout, c, master_bytes, bf16_float32_matmuls)
+    logits = _loss_bytes(cfg, layout, c, tokens, loss_chunk_tokens, weight_copy)
     backward = _backward_bytes(cfg, layout, c) * tokens
     return MemoryEstimate(weights, gradients, optimizer, activations, logits, overhead_bytes, backward)
 
