@@ -96,6 +96,54 @@ def test_attention_is_hf_causal_gqa_attention(kv_heads: int) -> None:
     torch.testing.assert_close(got[:, 0], v[:, 0].repeat_interleave(HEADS // kv_heads, dim=1), rtol=1e-6, atol=1e-6)
 
 
+# ---- --attention-backend: the SDPA kernel order ---------------------------------------------------
+
+# The CPU kernel each choice runs: flash first (and cuDNN / memory-efficient, which CPUs lack, fall
+# back to it), or the math reference alone.
+CPU_SDPA_KERNEL = {
+    "auto": "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "flash": "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "fused": "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "efficient": "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "unfused": "aten::_scaled_dot_product_attention_math",
+}
+
+
+def _attention_ops(fn: Any) -> set[str]:
+    """The names of the aten SDPA ops `fn()` runs."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages() if e.key.startswith("aten::_scaled_dot_product")}
+
+
+@pytest.mark.parametrize("name", list(kernels.ATTENTION_BACKENDS))
+def test_attention_backend_orders_the_sdpa_kernels(name: str, restore_attention_backend: None) -> None:
+    q = _randn(B, S, HEADS, D).requires_grad_()
+    k, v = _randn(B, S, KV_HEADS, D, seed=1), _randn(B, S, KV_HEADS, D, seed=2)
+    expected = kernels.attention(q, k, v, scale=D**-0.5)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), q)
+    assert kernels.select_attention_backend(name) == name
+    got = kernels.attention(q, k, v, scale=D**-0.5)
+    assert _attention_ops(lambda: kernels.attention(q, k, v, scale=D**-0.5)) == {CPU_SDPA_KERNEL[name]}
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), q)[0], expected_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_backend_compiles_without_graph_breaks(restore_attention_backend: None) -> None:
+    q = _randn(B, S, HEADS, D)
+    k, v = _randn(B, S, KV_HEADS, D, seed=1), _randn(B, S, KV_HEADS, D, seed=2)
+    kernels.select_attention_backend("unfused")
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *t: kernels.attention(*t, scale=D**-0.5), backend="aot_eager", fullgraph=True)
+    assert _attention_ops(lambda: compiled(q, k, v)) == {CPU_SDPA_KERNEL["unfused"]}
+    torch.testing.assert_close(compiled(q, k, v), kernels.attention(q, k, v, scale=D**-0.5), rtol=0, atol=0)
+
+
+def test_unknown_attention_backend_is_refused(restore_attention_backend: None) -> None:
+    with pytest.raises(ValueError, match="unknown attention backend 'fa3'; use one of auto, flash, fused"):
+        kernels.select_attention_backend("fa3")
+
+
 # ---- bf16 on float32 units (CPUs without fast bf16 matmuls) ----------------------------------------
 
 

@@ -12,8 +12,9 @@ import pytest
 import torch.distributed as dist
 
 from qwen3_pretrain.cli import main
-from qwen3_pretrain.config import ConfigError, TrainConfig, parse_train_args
-from qwen3_pretrain.model import get_preset
+from qwen3_pretrain.config import ATTENTION_BACKENDS, ConfigError, TrainConfig, parse_train_args
+from qwen3_pretrain.distributed import device
+from qwen3_pretrain.model import get_preset, kernels
 from test_train_loop import tiny_flags, write_tiny_dataset
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "qwen3_1.7b_4k.yaml"
@@ -125,6 +126,7 @@ BAD = [
     ({"model": None, "num_layers": 2}, 1, "pass --model PRESET, --load an HF directory, or --hidden-size, "),
     ({"lr_warmup_iters": 6}, 1, "the LR warmup (48 samples) is not shorter than the decay (48 samples)"),
     ({"micro_batch_size": 0}, 1, "--micro-batch-size must be > 0"),
+    ({"attention_backend": "fa3"}, 1, "--attention-backend 'fa3': use one of auto, flash, fused, efficient, unfused"),
 ]
 
 
@@ -145,6 +147,17 @@ def test_pipeline_layout_and_memory_check_override(data: str) -> None:
     pipeline = parse_train_args(flags, world_size=2).resolved.pipeline
     assert (pipeline.stage_layers, pipeline.virtual_stages, pipeline.schedule) == ([3, 1], 1, "1f1b")
     assert parse_train_args(tiny_flags(data), world_size=1).resolved.pipeline is None
+
+
+def test_attention_backend_choices_are_the_kernels_and_do_not_apply_on_npu(
+    data: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert ATTENTION_BACKENDS == tuple(kernels.ATTENTION_BACKENDS)
+    assert parse_train_args(tiny_flags(data, attention_backend="fused")).parallel.attention_backend == "fused"
+    monkeypatch.setattr(device, "device_type", lambda: "npu")  # (no NPU to size: skip the memory check)
+    assert parse_train_args(tiny_flags(data, skip_memory_check=True)).resolved.notes == []
+    notes = parse_train_args(tiny_flags(data, attention_backend="flash", skip_memory_check=True)).resolved.notes
+    assert notes == ["--attention-backend flash (Ascend NPUs use npu_fusion_attention)"]
 
 
 def test_tokenizer_larger_than_the_model(data: str, qwen3_tokenizer_dir: Path) -> None:

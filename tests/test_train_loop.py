@@ -297,6 +297,20 @@ def test_load_initial_weights_from_hf_and_mcore(dataset: str, tmp_path: Path) ->
     assert_close(run_training(mcore).losses, reference)
 
 
+def test_attention_backend_flag_selects_the_kernels_and_trains_alike(
+    dataset: str, monkeypatch: pytest.MonkeyPatch, restore_attention_backend: None
+) -> None:
+    selected: list[str] = []
+    select = kernels.select_attention_backend
+    monkeypatch.setattr(kernels, "select_attention_backend", lambda name: selected.append(name) or select(name))
+    auto = run_training(parse_train_args(tiny_flags(dataset)))
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        unfused = run_training(parse_train_args(tiny_flags(dataset, attention_backend="unfused")))
+    assert selected == ["auto", "unfused"] and "attention unfused" in stdout.getvalue()
+    assert unfused.losses == pytest.approx(auto.losses, rel=1e-5)  # math instead of flash attention
+
+
 def test_bf16_training_on_either_cpu_bf16_kernel_path(dataset: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """--bf16 trains the same with torch's CPU bf16 kernels and on float32 units, and says which it uses."""
     runs: dict[bool, TrainResult] = {}

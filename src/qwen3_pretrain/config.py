@@ -34,7 +34,15 @@ LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
 WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 PIPELINE_SCHEDULES = ("1f1b", "gpipe")
+ATTENTION_BACKENDS = ("auto", "flash", "fused", "efficient", "unfused")  # model.kernels.ATTENTION_BACKENDS
 CONFIG_FLAG = "--config"
+
+
+def _device_type() -> str:
+    """`distributed.device.device_type()`, imported on use (it imports torch)."""
+    from qwen3_pretrain.distributed.device import device_type
+
+    return device_type()
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -148,6 +156,10 @@ class ParallelArgs:
     no_shard: bool = _opt(False, "replicate weights and optimizer state over DP (DDP-style) instead of FSDP")
     recompute_granularity: str | None = _opt(None, "activation recomputation per block", RECOMPUTE_GRANULARITIES)
     compile: bool = _opt(False, "torch.compile each transformer block")
+    attention_backend: str = _opt(
+        "auto", "attention kernel tried first: flash, fused (cuDNN), efficient; unfused = math only; auto = torch's "
+        "order (CUDA/CPU; Ascend always uses npu_fusion_attention)", ATTENTION_BACKENDS,
+    )
     device_memory: str | None = _opt(None, "memory per device for the fit check, e.g. 32GB (default: detected)")
     skip_memory_check: bool = _opt(False, "train even when the memory estimate exceeds the device memory")
 
@@ -361,6 +373,8 @@ class TrainConfig:
         if par.sequence_parallel and tp == 1:
             par.sequence_parallel = False
             notes.append("--sequence-parallel (tensor-model-parallel-size is 1)")
+        if par.attention_backend != "auto" and _device_type() == "npu":
+            notes.append(f"--attention-backend {par.attention_backend} (Ascend NPUs use npu_fusion_attention)")
         dp = world_size // (tp * pp)
         gbs = tr.global_batch_size if tr.global_batch_size is not None else tr.micro_batch_size * dp
         if gbs % (tr.micro_batch_size * dp):

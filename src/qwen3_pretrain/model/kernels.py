@@ -19,6 +19,11 @@ tells other matmul code (the chunked LM-head loss) to do the same.
 `select_backend(name)` overrides the choice (tests, or to rule a fused kernel out). The choice is a
 module global, so `torch.compile` traces only the selected branch and guards on it.
 
+`select_attention_backend(name)` (`--attention-backend`, Megatron's names) orders the SDPA kernels of
+the torch backend: "flash" (FlashAttention-2), "fused" (cuDNN), "efficient" (memory-efficient) put
+that kernel first and keep torch's others as fallbacks for inputs it cannot take; "unfused" is the
+math reference alone; "auto" leaves torch's own order. Ascend's npu_fusion_attention is not affected.
+
 Layout everywhere: q/k/v [batch, seq, heads, head_dim] ("BSND"); cos/sin [batch (or 1), seq, head_dim].
 """
 
@@ -31,6 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from qwen3_pretrain.distributed.device import device_type
 
@@ -40,7 +46,20 @@ BACKENDS = ("torch", "npu")
 _NPU_CAUSAL_SPARSE_MODE = 2
 _NPU_CAUSAL_MASK_SIZE = 2048
 
+# --attention-backend -> SDPA kernels in priority order (the first that takes the inputs runs); None = torch's order.
+_TORCH_SDPA_ORDER = (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                     SDPBackend.MATH)
+ATTENTION_BACKENDS: dict[str, list[SDPBackend] | None] = {
+    "auto": None,
+    **{name: [first, *(k for k in _TORCH_SDPA_ORDER if k != first)] for name, first in (
+        ("flash", SDPBackend.FLASH_ATTENTION), ("fused", SDPBackend.CUDNN_ATTENTION),
+        ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+    )},
+    "unfused": [SDPBackend.MATH],
+}
+
 _backend: str = "torch"
+_sdpa_order: list[SDPBackend] | None = None
 _torch_npu: ModuleType | None = None
 _npu_causal_masks: dict[torch.device, torch.Tensor] = {}
 
@@ -65,6 +84,15 @@ def select_backend(name: str | None = None) -> str:
     _torch_npu = importlib.import_module("torch_npu") if name == "npu" else None
     _backend = name
     _npu_causal_masks.clear()
+    return name
+
+
+def select_attention_backend(name: str = "auto") -> str:
+    """Order the SDPA kernels as `--attention-backend name` asks (see the module doc). Returns name."""
+    global _sdpa_order
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; use one of {', '.join(ATTENTION_BACKENDS)}")
+    _sdpa_order = ATTENTION_BACKENDS[name]
     return name
 
 
@@ -201,11 +229,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal GQA `F.scaled_dot_product_attention` on BSND tensors."""
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [b, (kv_)heads, s, d]
-        is_causal=True, scale=scale, enable_gqa=q.shape[2] != k.shape[2],
-    )  # [b, heads, s, d]
+    """Causal GQA `F.scaled_dot_product_attention` on BSND tensors, its kernels in `_sdpa_order`."""
+    args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [b, (kv_)heads, s, d]
+    options = {"is_causal": True, "scale": scale, "enable_gqa": q.shape[2] != k.shape[2]}
+    if _sdpa_order is None:
+        out = F.scaled_dot_product_attention(*args, **options)  # [b, heads, s, d]
+    else:
+        with sdpa_kernel(_sdpa_order, set_priority=True):
+            out = F.scaled_dot_product_attention(*args, **options)  # [b, heads, s, d]
     return out.transpose(1, 2)  # [b, s, heads, d]
 
 

@@ -184,6 +184,7 @@ def startup_summary(config: TrainConfig, env: ParallelEnv, compute_dtype: torch.
         f"embeddings); {cfg.flops_per_token(seq) / 1e9:.2f} GFLOP per token",
         f"layout: {env.world_size} process(es) on {env.device.type} = TP {env.tp} x PP {env.pp} x DP {env.dp}, "
         f"{dp_mode}, recompute {par.recompute_granularity or 'none'}, compile {'on' if par.compile else 'off'}, "
+        f"attention {par.attention_backend}, "
         f"{precision} compute with fp32 master weights and optimizer state",
         f"batch: global {r.global_batch_size} = micro {mbs} x DP {env.dp} x {r.num_microbatches} accumulation "
         f"step(s); {tokens_per_iter:,} tokens per iteration (seq {seq}); {r.train_iters} iterations = "

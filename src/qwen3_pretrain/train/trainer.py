@@ -50,6 +50,7 @@ from qwen3_pretrain.distributed.pipeline import (
     sync_tied_embedding_grads,
     tied_embedding_group,
 )
+from qwen3_pretrain.model import kernels
 from qwen3_pretrain.model.qwen3 import IGNORE_INDEX, Qwen3ForCausalLM, init_module_weights
 from qwen3_pretrain.train.metrics import (
     IterationLog,
@@ -176,6 +177,7 @@ def build_model(config: TrainConfig, env: ParallelEnv) -> tuple[nn.Module, Pipel
     """
     resolved = config.require_resolved()
     cfg, layout = resolved.model_config, resolved.pipeline
+    kernels.select_attention_backend(config.parallel.attention_backend)
     with torch.device("meta"):
         model = Qwen3ForCausalLM(cfg)
     parts: list[nn.Module] = [model]
