@@ -16,9 +16,15 @@ faster there than torch's own bf16 gemm; both are reported); MFU = model TFLOP/s
 Model FLOPs per token are `Qwen3Config.flops_per_token`, which counts the LM-head matmul even when
 it is tied.
 
+`--profile DIR` (ours only): after the timed iterations, one more optimizer step runs under
+`torch.profiler`, on micro batches of its own (the mock samples after the timed ones; the timed steps
+read the same data as without --profile) and left out of the timing and the losses; its top ops by
+self device time (CUDA; self CPU time on CPU and NPU) go to DIR/profile_ours_<dtype>.txt and the
+shares of that time in matmuls, attention, the optimizer and the rest (`op_category`) into the result.
+
     PYTHONPATH=src python benchmarks/train_throughput.py [--model qwen3-bench] [--seq-length 512]
         [--micro-batch-size 1] [--accumulation 1] [--iters 10] [--warmup 2] [--dtype fp32|bf16|both] [--compile]
-        [--recompute full|selective] [--skip-hf] [--json OUT]
+        [--recompute full|selective] [--skip-hf] [--profile DIR] [--json OUT]
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--matmul-size", type=int, default=None,
                         help="largest side of the square matmul for the peak (default 8192 on accelerators, 2048 on CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="ours: profile one extra step; its op table goes to DIR/profile_ours_<dtype>.txt")
     parser.add_argument("--json", default=None, help="write the results here (atomically)")
     parser.add_argument("--worker", choices=IMPLEMENTATIONS, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data-prefix", default=None, help=argparse.SUPPRESS)
@@ -142,10 +150,11 @@ def trainer_flags(args: argparse.Namespace, dtype: str) -> list[str]:
     return flags
 
 
-def step_batches(dataset: torch.utils.data.Dataset, args: argparse.Namespace, device: torch.device) -> list[list[Batch]]:
-    """The micro batches of the warmup + iters steps, `--accumulation` per step (pinned off the CPU)."""
-    loader = build_pretraining_loader(dataset, 0, args.micro_batch_size, dp_rank=0, dp_size=1)
-    needed = num_micro_batches(args)
+def step_batches(dataset: torch.utils.data.Dataset, args: argparse.Namespace, device: torch.device, steps: int,
+                 first_sample: int = 0) -> list[list[Batch]]:
+    """`steps` steps of `--accumulation` micro batches from sample `first_sample` on (pinned off the CPU)."""
+    loader = build_pretraining_loader(dataset, first_sample, args.micro_batch_size, dp_rank=0, dp_size=1)
+    needed = steps * args.accumulation
     batches = [batch for _, batch in zip(range(needed), loader)]
     if len(batches) < needed:
         raise RuntimeError(f"the mock dataset holds {len(batches)} micro batches, {needed} are needed")
@@ -153,6 +162,18 @@ def step_batches(dataset: torch.utils.data.Dataset, args: argparse.Namespace, de
         batches = [{key: value.pin_memory() for key, value in batch.items()} for batch in batches]
     n = args.accumulation
     return [batches[i : i + n] for i in range(0, needed, n)]
+
+
+def profiled_step_batches(args: argparse.Namespace, device: torch.device) -> list[Batch]:
+    """The micro batches of the profiled step: the mock samples right after the timed steps' samples.
+
+    Drawn from `MockGPTDataset` itself, not from a longer .bin/.idx dataset, whose shuffle would change
+    with its size and with it the timed steps' data.
+    """
+    timed = num_micro_batches(args) * args.micro_batch_size
+    mock = MockGPTDataset(timed + args.accumulation * args.micro_batch_size, args.seq_length,
+                          get_preset(args.model).vocab_size, seed=SEED)
+    return step_batches(mock, args, device, steps=1, first_sample=timed)[0]
 
 
 # ---- the two implementations -----------------------------------------------------------------------
@@ -171,7 +192,7 @@ def ours_step(args: argparse.Namespace, dtype: str) -> tuple[Callable[[list[Batc
         pending = trainer.train_step(batches)
         return pending.loss_sum / max(pending.tokens, 1)
 
-    return step, step_batches(trainer.train_data, args, trainer.env.device)
+    return step, step_batches(trainer.train_data, args, trainer.env.device, num_steps(args))
 
 
 def hf_step(args: argparse.Namespace, dtype: str) -> tuple[Callable[[list[Batch]], torch.Tensor], list[list[Batch]]]:
@@ -220,7 +241,7 @@ def hf_step(args: argparse.Namespace, dtype: str) -> tuple[Callable[[list[Batch]
         optimizer.zero_grad(set_to_none=True)
         return total
 
-    return step, step_batches(dataset, args, device)
+    return step, step_batches(dataset, args, device, num_steps(args))
 
 
 # ---- measuring -------------------------------------------------------------------------------------
@@ -277,8 +298,71 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+PROFILE_CATEGORIES = ("matmul", "attention", "optimizer", "other")
+_CATEGORY_NAMES = {  # checked in this order: cutlass also builds attention kernels (fmha_cutlass*)
+    "attention": ("flash", "fmha", "efficient_attention", "sdpa", "scaled_dot_product"),
+    "optimizer": ("adam", "foreach", "multi_tensor_apply"),
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear",
+               "gemm", "cutlass", "xmma", "nvjet", "cublas"),
+}
+
+
+def op_category(name: str) -> str:
+    """The `PROFILE_CATEGORIES` entry of a profiled op or kernel name, by name heuristics only.
+
+    attention: flash / memory-efficient / cuDNN SDPA ops and kernels; optimizer: AdamW (fused or not)
+    and the foreach ops of gradient clipping (CUDA: multi_tensor_apply kernels); matmul: aten::mm,
+    addmm, bmm, matmul, linear (CPU) and GEMM kernels (gemm, cutlass, xmma, nvjet, cublas); the rest:
+    other. A kernel whose name hides what it does (e.g. an inductor-generated triton matmul) lands in other.
+    """
+    lowered = name.lower()
+    return next((category for category, needles in _CATEGORY_NAMES.items() if any(n in lowered for n in needles)),
+                "other")
+
+
+def self_time_shares(events: Iterable[Any], time_key: str, device_only: bool) -> tuple[float, dict[str, float]]:
+    """(total, shares by `op_category`) of `time_key` over profiler `key_averages()` rows.
+
+    With `device_only`, only device rows (kernels, copies; not user annotations) count: the CPU ops that
+    launched the kernels carry the same device time again.
+    """
+    times = dict.fromkeys(PROFILE_CATEGORIES, 0.0)
+    for event in events:
+        if device_only and (event.device_type == torch.autograd.DeviceType.CPU
+                            or getattr(event, "is_user_annotation", False)):
+            continue
+        times[op_category(event.key)] += getattr(event, time_key)
+    total = sum(times.values())
+    if total <= 0:
+        raise RuntimeError(f"the profile holds no {time_key}")
+    return total, {category: value / total for category, value in times.items()}
+
+
+def profile_step(step: Callable[[list[Batch]], torch.Tensor], batches: list[Batch], folder: Path,
+                 dtype: str) -> dict[str, Any]:
+    """Run one step under `torch.profiler`; write its top 40 ops to folder/profile_ours_<dtype>.txt.
+
+    Returns the step's total self time (device kernels on CUDA; CPU ops on CPU and NPU, whose device
+    profiler is left out) and its shares by `op_category`, or {"error": ...} if profiling failed.
+    """
+    on_cuda = device_type() == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_cuda else [])
+    time_key = "self_device_time_total" if on_cuda else "self_cpu_time_total"
+    path = folder / f"profile_ours_{dtype}.txt"
+    try:
+        with torch.profiler.profile(activities=activities) as prof:
+            step(batches)
+            synchronize()
+        events = prof.key_averages()
+        write_text_atomic(path, events.table(sort_by=time_key, row_limit=40, max_name_column_width=100))
+        total, shares = self_time_shares(events, time_key, device_only=on_cuda)
+    except Exception as error:  # noqa: BLE001  (the benchmark's numbers stand without the profile)
+        return {"error": f"{type(error).__name__}: {error}"}
+    return {"time": "cuda" if on_cuda else "cpu", "total_ms": total / 1000, "table": str(path), "shares": shares}
+
+
 def run_worker(args: argparse.Namespace) -> dict[str, Any]:
-    """Build one variant, run warmup + timed iterations, return its measurements."""
+    """Build one variant, run warmup + timed iterations (+ the profiled step of ours), return its measurements."""
     dtype = args.dtype
     label = f"[{args.worker} {dtype}]"
     kind = device_type()
@@ -300,7 +384,12 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     peak = device_module().max_memory_allocated() if kind != "cpu" else peak_rss_bytes() - rss_start
     values = torch.stack(losses).float().tolist()
     print(f"{label} {seconds / args.iters * 1000:.1f} ms per iteration", file=sys.stderr, flush=True)
-    return {"impl": args.worker, "dtype": dtype, "seconds": seconds, "peak_memory_bytes": int(peak), "losses": values}
+    result = {"impl": args.worker, "dtype": dtype, "seconds": seconds, "peak_memory_bytes": int(peak), "losses": values}
+    if args.profile and args.worker == "ours":
+        print(f"{label} profiling one more step", file=sys.stderr, flush=True)
+        batches = profiled_step_batches(args, local_device())
+        result["profile"] = profile_step(step, batches, Path(args.profile), dtype)
+    return result
 
 
 def run_variant(args: argparse.Namespace, impl: str, dtype: str, data_prefix: str) -> dict[str, Any]:
@@ -325,6 +414,8 @@ def forwarded_flags(args: argparse.Namespace) -> list[str]:
         flags += ["--recompute", args.recompute]
     if args.threads:
         flags += ["--threads", str(args.threads)]
+    if args.profile:  # the HF worker ignores it
+        flags += ["--profile", args.profile]
     return flags
 
 
@@ -353,15 +444,20 @@ def machine_info() -> dict[str, Any]:
 
 def summarize(raw: dict[str, Any], args: argparse.Namespace, peaks: dict[str, float],
               spec_peak: float | None) -> dict[str, Any]:
-    """Add tokens/s, TFLOP/s, MFU and memory in GB to one worker's raw measurements."""
+    """Add tokens/s, TFLOP/s, MFU and memory in GB to one worker's raw measurements, and to its profile
+    the profiled self time over the timed step time (`of_timed_step`: on CUDA below 1 by the GPU's idle time)."""
     if "error" in raw:
         return raw
     config = get_preset(args.model)
     tokens_per_s = args.iters * args.accumulation * args.micro_batch_size * args.seq_length / raw["seconds"]
     tflops = tokens_per_s * config.flops_per_token(args.seq_length) / 1e12
+    ms_per_iter = raw["seconds"] / args.iters * 1000
+    profile = raw.get("profile")
+    if profile and "error" not in profile:
+        raw = {**raw, "profile": {**profile, "of_timed_step": profile["total_ms"] / ms_per_iter}}
     return {
         **raw,
-        "ms_per_iter": raw["seconds"] / args.iters * 1000,
+        "ms_per_iter": ms_per_iter,
         "tokens_per_s": tokens_per_s,
         "tflops": tflops,
         "mfu": tflops / peaks[raw["dtype"]],
@@ -370,6 +466,15 @@ def summarize(raw: dict[str, Any], args: argparse.Namespace, peaks: dict[str, fl
         "first_loss": raw["losses"][0],
         "last_loss": raw["losses"][-1],
     }
+
+
+def format_profile(profile: dict[str, Any]) -> str:
+    """One line: the profiled step's self time, its shares by `op_category`, and where the table is."""
+    if "error" in profile:
+        return f"profile failed: {profile['error']}"
+    shares = ", ".join(f"{category} {100 * share:.1f}%" for category, share in profile["shares"].items())
+    return (f"profile: {profile['total_ms']:.1f} ms {profile['time']} self time per step "
+            f"({100 * profile['of_timed_step']:.0f}% of the timed step): {shares} ({profile['table']})")
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -400,17 +505,23 @@ def format_table(report: dict[str, Any]) -> str:
             f"{r['impl']:<5} {r['dtype']:<5} {r['tokens_per_s']:10.1f} {r['tflops']:8.3f} {100 * r['mfu']:5.1f}% "
             f"{spec} {r['ms_per_iter']:9.1f} {r['peak_memory_gb']:11.2f} {r['first_loss']:10.4f} {r['last_loss']:10.4f}"
         )
+        if "profile" in r:
+            lines.append(f"{r['impl']:<5} {r['dtype']:<5} {format_profile(r['profile'])}")
     for dtype, ratio in report["ratios"].items():
         lines.append(f"ours/hf tokens/s {dtype}: {ratio:.2f}x")
     return "\n".join(lines)
 
 
-def write_json_atomic(path: str, data: dict[str, Any]) -> None:
+def write_text_atomic(path: str | Path, text: str) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, target)
+
+
+def write_json_atomic(path: str, data: dict[str, Any]) -> None:
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -447,7 +558,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "model": args.model, "seq_length": args.seq_length, "micro_batch_size": args.micro_batch_size,
             "accumulation": args.accumulation,
             "iters": args.iters, "warmup": args.warmup, "compile": args.compile, "recompute": args.recompute,
-            "threads": args.threads,
+            "threads": args.threads, "profile": args.profile,
             "num_parameters": config.num_parameters(), "flops_per_token": config.flops_per_token(args.seq_length),
         },
         "matmul_size": {d: side for d, (_, side) in measured.items()},
