@@ -9,8 +9,10 @@
 #   BENCH_CPU=1 bash benchmarks/gpu_1p7b.sh   # the same script on CPU with qwen3-tiny (end-to-end check)
 #
 # Environment: OUT (results folder, default ./bench_out), PYTHON (default python3),
-#   CONFIGS  space-separated MICRO_BATCH:RECOMPUTE:COMPILE with RECOMPUTE none|full|selective and
-#            COMPILE eager|compile (default "1:none:compile 2:none:compile 4:none:compile"),
+#   CONFIGS  space-separated MICRO_BATCH:RECOMPUTE:COMPILE[:ATTENTION] with RECOMPUTE none|full|selective,
+#            COMPILE eager|compile and ATTENTION an --attention-backend (default auto: torch's SDPA order)
+#            (default "1:none:compile 2:none:compile 2:none:compile:fused": micro batch 4 without recompute
+#            needs about 81 GiB by the planner, over an H100's 80 GB; add 4:none:compile on an H200),
 #   SAMPLES_PER_STEP  samples per optimizer step, the same for every configuration (each runs
 #            SAMPLES_PER_STEP / MICRO_BATCH micro batches per step; every micro batch must divide it);
 #            default 8: the 1.7B recipe's global batch 64 over 8 devices (2 with BENCH_CPU=1),
@@ -33,7 +35,7 @@ if [[ "${BENCH_CPU:-0}" == "1" ]]; then
   ITERS="${ITERS:-2}" WARMUP="${WARMUP:-1}" SAMPLES_PER_STEP="${SAMPLES_PER_STEP:-2}"
 else
   MODEL=qwen3-1.7b SEQ=4096 MATMUL=8192
-  CONFIGS="${CONFIGS:-1:none:compile 2:none:compile 4:none:compile}"
+  CONFIGS="${CONFIGS:-1:none:compile 2:none:compile 2:none:compile:fused}"
   ITERS="${ITERS:-4}" WARMUP="${WARMUP:-2}" SAMPLES_PER_STEP="${SAMPLES_PER_STEP:-8}"
 fi
 WITH_HF="${WITH_HF:-1}"
@@ -42,9 +44,10 @@ CONFIG_TIMEOUT="${CONFIG_TIMEOUT:-200}"
 
 fail() { echo "gpu_1p7b.sh: $*" >&2; exit 2; }
 
-# parse_config SPEC: check one CONFIGS entry; sets mbs, recompute, mode and flags (its benchmark flags).
+# parse_config SPEC: check one CONFIGS entry; sets mbs, recompute, mode, attention and flags (its benchmark flags).
 parse_config() {
-  IFS=: read -r mbs recompute mode <<<"$1"
+  IFS=: read -r mbs recompute mode attention <<<"$1"
+  attention="${attention:-auto}"
   [[ "$mbs" =~ ^[1-9][0-9]*$ ]] || fail "CONFIGS entry $1: the micro batch must be a positive integer"
   ((SAMPLES_PER_STEP % mbs == 0)) \
     || fail "CONFIGS entry $1: micro batch $mbs does not divide SAMPLES_PER_STEP=$SAMPLES_PER_STEP"
@@ -58,6 +61,10 @@ parse_config() {
     eager) ;;
     compile) flags+=(--compile) ;;
     *) fail "CONFIGS entry $1: the third field must be eager or compile" ;;
+  esac
+  case "$attention" in
+    auto | flash | fused | efficient | unfused) flags+=(--attention-backend "$attention") ;;
+    *) fail "CONFIGS entry $1: the fourth field must be auto, flash, fused, efficient or unfused" ;;
   esac
 }
 
@@ -87,7 +94,7 @@ for spec in $CONFIGS; do
   if [[ "$PROFILE" == "1" ]]; then
     flags+=(--profile "$OUT/profile_config_$index")
   fi
-  echo "== configuration $index: micro batch $mbs x $((SAMPLES_PER_STEP / mbs)) per step, recompute $recompute, $mode"
+  echo "== configuration $index: micro batch $mbs x $((SAMPLES_PER_STEP / mbs)) per step, recompute $recompute, $mode, attention $attention"
   timeout "$CONFIG_TIMEOUT" "$PYTHON" "$ROOT/benchmarks/train_throughput.py" "${flags[@]}" \
     || echo "== configuration $index ($spec) failed or timed out (exit $?)"
 done
@@ -143,7 +150,7 @@ best = max(ok, key=lambda row: row["ours"]["tokens_per_s"]) if ok else None
 if best:
     r = best["ours"]
     spec = f", MFU {100 * r['mfu_spec']:.1f}% of the datasheet peak" if r.get("mfu_spec") is not None else ""
-    print(f"\nBEST {best['config']} (micro batch:recompute:compile): {r['tokens_per_s']:.1f} tokens/s, "
+    print(f"\nBEST {best['config']} (micro batch:recompute:compile[:attention]): {r['tokens_per_s']:.1f} tokens/s, "
           f"{r['tflops']:.2f} TFLOP/s, MFU {100 * r['mfu']:.1f}% of the measured bf16 matmul peak{spec}")
 summary = {"samples_per_step": samples_per_step, "configs": rows, "best": best["config"] if best else None}
 tmp = out / "summary.json.tmp"

@@ -24,7 +24,7 @@ shares of that time in matmuls, attention, the optimizer and the rest (`op_categ
 
     PYTHONPATH=src python benchmarks/train_throughput.py [--model qwen3-bench] [--seq-length 512]
         [--micro-batch-size 1] [--accumulation 1] [--iters 10] [--warmup 2] [--dtype fp32|bf16|both] [--compile]
-        [--recompute full|selective] [--skip-hf] [--profile DIR] [--json OUT]
+        [--recompute full|selective] [--attention-backend auto|flash|fused|efficient|unfused] [--skip-hf] [--profile DIR] [--json OUT]
 """
 
 from __future__ import annotations
@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", action="store_true", help="ours: torch.compile each block (HF stays eager)")
     parser.add_argument("--recompute", choices=("full", "selective"), default=None,
                         help="ours: --recompute-granularity; HF: gradient checkpointing")
+    parser.add_argument("--attention-backend", choices=tuple(kernels.ATTENTION_BACKENDS), default="auto",
+                        help="ours: the SDPA kernel tried first (HF keeps torch's order)")
     parser.add_argument("--skip-hf", action="store_true", help="run only our trainer")
     parser.add_argument("--matmul-size", type=int, default=None,
                         help="largest side of the square matmul for the peak (default 8192 on accelerators, 2048 on CPU)")
@@ -145,6 +147,7 @@ def trainer_flags(args: argparse.Namespace, dtype: str) -> list[str]:
         flags.append("--bf16")
     if args.recompute:
         flags += ["--recompute-granularity", args.recompute]
+    flags += ["--attention-backend", args.attention_backend]
     if args.compile:
         flags.append("--compile")
     return flags
@@ -205,7 +208,8 @@ def hf_step(args: argparse.Namespace, dtype: str) -> tuple[Callable[[list[Batch]
     from qwen3_pretrain.train.trainer import build_model
 
     transformers.logging.set_verbosity_error()
-    flags = trainer_flags(argparse.Namespace(**{**vars(args), "compile": False, "recompute": None}), "fp32")
+    ours_only = {"compile": False, "recompute": None, "attention_backend": "auto"}
+    flags = trainer_flags(argparse.Namespace(**{**vars(args), **ours_only}), "fp32")
     config = parse_train_args(flags, world_size=1)
     env = init_parallel(1, 1)
     device = env.device
@@ -412,6 +416,7 @@ def forwarded_flags(args: argparse.Namespace) -> list[str]:
         flags.append("--compile")
     if args.recompute:
         flags += ["--recompute", args.recompute]
+    flags += ["--attention-backend", args.attention_backend]
     if args.threads:
         flags += ["--threads", str(args.threads)]
     if args.profile:  # the HF worker ignores it
@@ -485,7 +490,7 @@ def format_table(report: dict[str, Any]) -> str:
         f"model {c['model']} ({c['num_parameters'] / 1e6:.1f}M params, {c['flops_per_token'] / 1e9:.3f} GFLOP/token), "
         f"seq {c['seq_length']}, micro batch {c['micro_batch_size']} x {c['accumulation']} per step, {c['iters']} timed + "
         f"{c['warmup']} warmup "
-        f"iterations, compile {c['compile']}, recompute {c['recompute']}",
+        f"iterations, compile {c['compile']}, recompute {c['recompute']}, attention {c['attention_backend']}",
         "measured matmul peak: " + ", ".join(
             f"{k} {v:.3f} TFLOP/s (n={report['matmul_size'][k]})" for k, v in report["peak_tflops"].items()
         )
@@ -558,6 +563,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "model": args.model, "seq_length": args.seq_length, "micro_batch_size": args.micro_batch_size,
             "accumulation": args.accumulation,
             "iters": args.iters, "warmup": args.warmup, "compile": args.compile, "recompute": args.recompute,
+            "attention_backend": args.attention_backend,
             "threads": args.threads, "profile": args.profile,
             "num_parameters": config.num_parameters(), "flops_per_token": config.flops_per_token(args.seq_length),
         },

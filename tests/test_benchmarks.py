@@ -157,17 +157,18 @@ def test_cuda_shares_count_each_kernel_once(bench: ModuleType) -> None:
 
 
 def test_gpu_script_on_cpu_compares_micro_batches_at_equal_samples_per_step(tmp_path: Path) -> None:
-    proc = run_gpu_script(tmp_path, ITERS="1", WARMUP="0", CONFIGS="1:none:eager 2:none:eager")
+    configs = ["1:none:eager", "2:none:eager:unfused"]
+    proc = run_gpu_script(tmp_path, ITERS="1", WARMUP="0", CONFIGS=" ".join(configs))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["samples_per_step"] == 2 and summary["best"] in {"1:none:eager", "2:none:eager"}
+    assert summary["samples_per_step"] == 2 and summary["best"] in configs
     rows = summary["configs"]
-    assert [(row["config"], row["accumulation"]) for row in rows] == [("1:none:eager", 2), ("2:none:eager", 1)]
-    for index, row in enumerate(rows, start=1):
+    assert [(row["config"], row["accumulation"]) for row in rows] == list(zip(configs, (2, 1)))
+    for index, (row, attention) in enumerate(zip(rows, ("auto", "unfused")), start=1):
         ours = row["ours"]
         assert row["hf"] is None and ours["tokens_per_s"] > 0 and len(ours["losses"]) == 1
         report = json.loads((tmp_path / row["report"]).read_text())["config"]
-        assert report["micro_batch_size"] * report["accumulation"] == 2
+        assert report["micro_batch_size"] * report["accumulation"] == 2 and report["attention_backend"] == attention
         shares = ours["profile"]["shares"]
         assert list(shares) == CATEGORIES and sum(shares.values()) == pytest.approx(1.0) and shares["matmul"] > 0
         assert (tmp_path / f"profile_config_{index}" / "profile_ours_bf16.txt").is_file()
@@ -175,8 +176,12 @@ def test_gpu_script_on_cpu_compares_micro_batches_at_equal_samples_per_step(tmp_
     assert "matmul    attn   optim   other    busy" in proc.stdout
 
 
-def test_gpu_script_rejects_a_micro_batch_that_does_not_divide_the_step(tmp_path: Path) -> None:
-    proc = run_gpu_script(tmp_path / "out", CONFIGS="1:none:eager 3:none:eager", SAMPLES_PER_STEP="4")
+@pytest.mark.parametrize(("configs", "message"), [
+    ("1:none:eager 3:none:eager", "CONFIGS entry 3:none:eager: micro batch 3 does not divide SAMPLES_PER_STEP=4"),
+    ("1:none:eager:fa3", "CONFIGS entry 1:none:eager:fa3: the fourth field must be auto, flash, fused, efficient"),
+])
+def test_gpu_script_rejects_a_bad_configuration_before_any_run(tmp_path: Path, configs: str, message: str) -> None:
+    proc = run_gpu_script(tmp_path / "out", CONFIGS=configs, SAMPLES_PER_STEP="4")
     assert proc.returncode == 2
-    assert "CONFIGS entry 3:none:eager: micro batch 3 does not divide SAMPLES_PER_STEP=4" in proc.stderr
+    assert message in proc.stderr
     assert not (tmp_path / "out").exists()  # checked before any run
