@@ -24,7 +24,8 @@ shares of that time in matmuls, attention, the optimizer and the rest (`op_categ
 
     PYTHONPATH=src python benchmarks/train_throughput.py [--model qwen3-bench] [--seq-length 512]
         [--micro-batch-size 1] [--accumulation 1] [--iters 10] [--warmup 2] [--dtype fp32|bf16|both] [--compile]
-        [--recompute full|selective] [--attention-backend auto|flash|fused|efficient|unfused] [--skip-hf] [--profile DIR] [--json OUT]
+        [--recompute full|selective] [--attention-backend auto|flash|fused|efficient|unfused] [--skip-hf]
+        [--profile DIR] [--json OUT]
 """
 
 from __future__ import annotations

@@ -38,13 +38,6 @@ ATTENTION_BACKENDS = ("auto", "flash", "fused", "efficient", "unfused")  # model
 CONFIG_FLAG = "--config"
 
 
-def _device_type() -> str:
-    """`distributed.device.device_type()`, imported on use (it imports torch)."""
-    from qwen3_pretrain.distributed.device import device_type
-
-    return device_type()
-
-
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
     """A config field with its help text (and allowed values) for the flag."""
     return field(default=default, metadata={"help": help, "choices": choices})
@@ -359,6 +352,8 @@ class TrainConfig:
 
         Raises ConfigError naming the flag to change. Runs before any process group exists.
         """
+        from qwen3_pretrain.distributed import device  # imports torch: on use
+
         world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
         notes: list[str] = []
         self._check_ranges()
@@ -373,7 +368,7 @@ class TrainConfig:
         if par.sequence_parallel and tp == 1:
             par.sequence_parallel = False
             notes.append("--sequence-parallel (tensor-model-parallel-size is 1)")
-        if par.attention_backend != "auto" and _device_type() == "npu":
+        if par.attention_backend != "auto" and device.device_type() == "npu":
             notes.append(f"--attention-backend {par.attention_backend} (Ascend NPUs use npu_fusion_attention)")
         dp = world_size // (tp * pp)
         gbs = tr.global_batch_size if tr.global_batch_size is not None else tr.micro_batch_size * dp

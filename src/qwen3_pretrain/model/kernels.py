@@ -29,6 +29,7 @@ Layout everywhere: q/k/v [batch, seq, heads, head_dim] ("BSND"); cos/sin [batch 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from types import ModuleType
 from typing import Any
@@ -46,15 +47,21 @@ BACKENDS = ("torch", "npu")
 _NPU_CAUSAL_SPARSE_MODE = 2
 _NPU_CAUSAL_MASK_SIZE = 2048
 
-# --attention-backend -> SDPA kernels in priority order (the first that takes the inputs runs); None = torch's order.
 _TORCH_SDPA_ORDER = (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                      SDPBackend.MATH)
+
+
+def _first(kernel: SDPBackend) -> list[SDPBackend]:
+    """`kernel`, then torch's other SDPA kernels as fallbacks."""
+    return [kernel, *(k for k in _TORCH_SDPA_ORDER if k != kernel)]
+
+
+# --attention-backend -> SDPA kernels in priority order (the first that takes the inputs runs); None = torch's order.
 ATTENTION_BACKENDS: dict[str, list[SDPBackend] | None] = {
     "auto": None,
-    **{name: [first, *(k for k in _TORCH_SDPA_ORDER if k != first)] for name, first in (
-        ("flash", SDPBackend.FLASH_ATTENTION), ("fused", SDPBackend.CUDNN_ATTENTION),
-        ("efficient", SDPBackend.EFFICIENT_ATTENTION),
-    )},
+    "flash": _first(SDPBackend.FLASH_ATTENTION),
+    "fused": _first(SDPBackend.CUDNN_ATTENTION),
+    "efficient": _first(SDPBackend.EFFICIENT_ATTENTION),
     "unfused": [SDPBackend.MATH],
 }
 
@@ -230,13 +237,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal GQA `F.scaled_dot_product_attention` on BSND tensors, its kernels in `_sdpa_order`."""
-    args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [b, (kv_)heads, s, d]
-    options = {"is_causal": True, "scale": scale, "enable_gqa": q.shape[2] != k.shape[2]}
-    if _sdpa_order is None:
-        out = F.scaled_dot_product_attention(*args, **options)  # [b, heads, s, d]
-    else:
-        with sdpa_kernel(_sdpa_order, set_priority=True):
-            out = F.scaled_dot_product_attention(*args, **options)  # [b, heads, s, d]
+    with contextlib.nullcontext() if _sdpa_order is None else sdpa_kernel(_sdpa_order, set_priority=True):
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [b, (kv_)heads, s, d]
+            is_causal=True, scale=scale, enable_gqa=q.shape[2] != k.shape[2],
+        )  # [b, heads, s, d]
     return out.transpose(1, 2)  # [b, s, heads, d]
 
 
