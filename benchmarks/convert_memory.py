@@ -26,7 +26,7 @@ import torch
 
 from qwen3_pretrain.checkpoint.hf import save_hf_state_dict
 from qwen3_pretrain.checkpoint.mcore import hf_tensor_shapes
-from qwen3_pretrain.model.config import Qwen3Config, get_preset
+from qwen3_pretrain.config.model import Qwen3Config, get_preset
 
 
 def random_weights(config: Qwen3Config, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:

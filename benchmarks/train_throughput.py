@@ -54,7 +54,7 @@ from qwen3_pretrain.data.loader import build_pretraining_loader
 from qwen3_pretrain.data.mock import MockGPTDataset
 from qwen3_pretrain.distributed.device import device_module, device_type, local_device
 from qwen3_pretrain.model import kernels
-from qwen3_pretrain.model.config import get_preset
+from qwen3_pretrain.config.model import get_preset
 from qwen3_pretrain.model.qwen3 import IGNORE_INDEX
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from qwen3_pretrain.data.mock import MockGPTDataset
-from qwen3_pretrain.model.config import get_preset
+from qwen3_pretrain.config.model import get_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ, MBS, ACCUM, ITERS, WARMUP = 32, 2, 2, 2, 1

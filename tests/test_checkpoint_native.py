@@ -29,7 +29,7 @@ from qwen3_pretrain.checkpoint.native import (
     load_model_tensors,
     save_checkpoint,
 )
-from qwen3_pretrain.model.config import get_preset
+from qwen3_pretrain.config.model import get_preset
 from qwen3_pretrain.model.qwen3 import Qwen3ForCausalLM
 from distributed_helpers import free_port
 

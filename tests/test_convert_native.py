@@ -14,7 +14,7 @@ import transformers
 from qwen3_pretrain.checkpoint.hf import load_hf_state_dict, save_hf_state_dict
 from qwen3_pretrain.checkpoint.mcore import HF_CONFIG_SUBDIR, MODEL_FILE, load_pt
 from qwen3_pretrain.checkpoint.native import LATEST_FILE, save_checkpoint
-from qwen3_pretrain.model.config import Qwen3Config, get_preset
+from qwen3_pretrain.config.model import Qwen3Config, get_preset
 from qwen3_pretrain.model.qwen3 import Qwen3ForCausalLM
 from test_export import _tokenizer_dir, _trained_checkpoint
 from test_mcore_convert import assert_fails_cleanly, assert_identical, convert

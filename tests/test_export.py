@@ -15,7 +15,7 @@ from safetensors import safe_open
 from qwen3_pretrain.checkpoint.export import export_native_to_hf, load_native_model_state
 from qwen3_pretrain.checkpoint.native import CheckpointError, save_checkpoint
 from qwen3_pretrain.cli import main as cli_main
-from qwen3_pretrain.model.config import Qwen3Config, get_preset
+from qwen3_pretrain.config.model import Qwen3Config, get_preset
 from qwen3_pretrain.model.qwen3 import Qwen3ForCausalLM
 
 transformers.logging.set_verbosity_error()

@@ -25,7 +25,7 @@ from qwen3_pretrain.checkpoint.mcore import (
     load_pt,
     write_mcore_checkpoint,
 )
-from qwen3_pretrain.model.config import ConfigError, Qwen3Config
+from qwen3_pretrain.config.model import ConfigError, Qwen3Config
 
 ITER = "iter_0000001"
 

@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from qwen3_pretrain.checkpoint.convert import main as convert_main
 from qwen3_pretrain.checkpoint.hf import save_hf_state_dict
 from qwen3_pretrain.checkpoint.mcore import MODEL_FILE, TRACKER_FILE, load_pt
-from qwen3_pretrain.model.config import Qwen3Config
+from qwen3_pretrain.config.model import Qwen3Config
 from distributed_helpers import free_port
 
 TP = 2

@@ -23,7 +23,7 @@ from qwen3_pretrain.distributed.pipeline import (
     stage_layer_counts,
     virtual_pipeline_stages,
 )
-from qwen3_pretrain.model.config import get_preset
+from qwen3_pretrain.config.model import get_preset
 from qwen3_pretrain.model.qwen3 import Qwen3ForCausalLM
 from distributed_helpers import exit_after, run_as_torchrun
 

@@ -20,7 +20,7 @@ from qwen3_pretrain.distributed.planner import (
     plan,
     validate_layout,
 )
-from qwen3_pretrain.model.config import get_preset
+from qwen3_pretrain.config.model import get_preset
 
 
 @pytest.mark.parametrize(

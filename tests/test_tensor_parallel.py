@@ -18,7 +18,7 @@ import torch
 from qwen3_pretrain.distributed.pipeline import clip_grad_norm_
 from qwen3_pretrain.distributed.recompute import apply_activation_checkpointing
 from qwen3_pretrain.distributed.tensor_parallel import validate_tensor_parallel_size, vocab_parallel_loss
-from qwen3_pretrain.model.config import Qwen3Config, get_preset
+from qwen3_pretrain.config.model import Qwen3Config, get_preset
 from qwen3_pretrain.model.qwen3 import Qwen3ForCausalLM
 from distributed_helpers import exit_after, run_as_torchrun
 

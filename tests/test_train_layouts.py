@@ -21,7 +21,7 @@ import torch
 import torch.multiprocessing as mp
 
 from qwen3_pretrain.config import parse_train_args
-from qwen3_pretrain.model.config import get_preset
+from qwen3_pretrain.config.model import get_preset
 from qwen3_pretrain.model.qwen3 import Qwen3ForCausalLM
 from qwen3_pretrain.train.trainer import TrainResult, run_training
 from distributed_helpers import free_port, join_gloo_group, leave_gloo_group

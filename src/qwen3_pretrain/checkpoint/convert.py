@@ -36,7 +36,7 @@ from qwen3_pretrain.checkpoint.mcore import (
     write_mcore_checkpoint,
 )
 from qwen3_pretrain.checkpoint.native import CheckpointError, detect_checkpoint_format
-from qwen3_pretrain.model.config import ConfigError, Qwen3Config
+from qwen3_pretrain.config.model import ConfigError, Qwen3Config
 
 PARAMS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf", ".index.json")

@@ -23,7 +23,7 @@ from qwen3_pretrain.checkpoint.native import (
     replace_directory,
     resolve_checkpoint_dir,
 )
-from qwen3_pretrain.model.config import ConfigError, Qwen3Config
+from qwen3_pretrain.config.model import ConfigError, Qwen3Config
 from qwen3_pretrain.model.qwen3 import EMBED_KEY, LM_HEAD_KEY, Qwen3ForCausalLM
 
 TOKENIZER_FILES = (

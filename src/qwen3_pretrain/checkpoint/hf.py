@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 if TYPE_CHECKING:
-    from qwen3_pretrain.model.config import Qwen3Config
+    from qwen3_pretrain.config.model import Qwen3Config
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

@@ -39,7 +39,7 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 import torch
 
-from qwen3_pretrain.model.config import ConfigError, Qwen3Config
+from qwen3_pretrain.config.model import ConfigError, Qwen3Config
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"

@@ -31,7 +31,7 @@ from torch.distributed.pipelining.schedules import PipelineScheduleMulti, Pipeli
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from qwen3_pretrain.model.config import Qwen3Config
+from qwen3_pretrain.config.model import Qwen3Config
 from qwen3_pretrain.model.qwen3 import IGNORE_INDEX, Qwen3ForCausalLM, Qwen3Model, lm_head_loss
 from qwen3_pretrain.train.optim import clip_grad_norm_ as clip_parameters
 

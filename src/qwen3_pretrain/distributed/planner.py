@@ -29,7 +29,7 @@ import math
 import sys
 from dataclasses import dataclass
 
-from qwen3_pretrain.model.config import ConfigError, Qwen3Config, get_preset
+from qwen3_pretrain.config.model import ConfigError, Qwen3Config, get_preset
 from qwen3_pretrain.model.qwen3 import DEFAULT_LOSS_CHUNK_TOKENS
 
 GIB = 2**30

@@ -40,7 +40,7 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.distributed.tensor.parallel import loss_parallel as _torch_loss_parallel
 
-from qwen3_pretrain.model.config import Qwen3Config
+from qwen3_pretrain.config.model import Qwen3Config
 
 TP_FLAG = "--tensor-model-parallel-size"
 _HEAD_DIM = 2  # q_proj(x).view(b, s, heads, head_dim): q_norm/k_norm see heads on dim 2

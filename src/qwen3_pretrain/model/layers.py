@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from qwen3_pretrain.model import kernels
-from qwen3_pretrain.model.config import Qwen3Config
+from qwen3_pretrain.config.model import Qwen3Config
 
 
 class Linear(nn.Linear):

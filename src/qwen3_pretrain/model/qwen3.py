@@ -37,7 +37,7 @@ from qwen3_pretrain.checkpoint.hf import (
     iter_hf_tensors,
     save_hf_state_dict,
 )
-from qwen3_pretrain.model.config import Qwen3Config
+from qwen3_pretrain.config.model import Qwen3Config
 from qwen3_pretrain.model.layers import DecoderLayer, Linear, RMSNorm, RotaryEmbedding
 # IGNORE_INDEX is also imported from here (trainer, pipeline).
 from qwen3_pretrain.model.loss import IGNORE_INDEX, LossReduction, causal_lm_loss, chunked_lm_head_loss

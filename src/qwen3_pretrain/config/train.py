@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import yaml
 
-from qwen3_pretrain.model.config import ConfigError, Qwen3Config, get_preset
+from qwen3_pretrain.config.model import ConfigError, Qwen3Config, get_preset
 
 if TYPE_CHECKING:
     from qwen3_pretrain.distributed.planner import MemoryEstimate
