@@ -95,7 +95,8 @@ def main() -> int:
         hf, mg, back = Path(tmp) / "hf", Path(tmp) / "mg", Path(tmp) / "back"
         t = time.perf_counter()
         save_hf_state_dict(random_weights(config, torch.bfloat16), hf, config=config)
-        print(f"wrote random {args.preset} weights ({model_gb:.2f} GB) in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        elapsed = time.perf_counter() - t
+        print(f"wrote random {args.preset} weights ({model_gb:.2f} GB) in {elapsed:.0f} s", file=sys.stderr)
         rows = {
             f"hf -> mg TP={args.tp} PP={args.pp}": run_measured([
                 "--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", str(hf), "--save-dir", str(mg),
@@ -110,8 +111,9 @@ def main() -> int:
     for name, r in rows.items():
         print(f"{name:<24} {r['wall_s']:7.1f} {r['peak_rss_gb']:12.2f} {r['peak_rss_gb'] / model_gb:8.2f} "
               f"{r['peak_anon_gb']:8.2f} {r['peak_file_gb']:8.2f}")
-    machine = {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-               "memory_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, "torch": torch.__version__}
+    machine = {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
+               "cpus": os.cpu_count(), "memory_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9,
+               "torch": torch.__version__}
     result = {"preset": args.preset, "parameters": config.num_parameters(), "model_gb": model_gb, "machine": machine,
               "runs": rows}
     print(json.dumps(result))

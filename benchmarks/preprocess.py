@@ -87,13 +87,15 @@ def run_ours(input_path: str, tokenizer_dir: str, prefix: str, workers: int) -> 
 def measure(method: str, input_path: str, tokenizer_dir: str, prefix: str, workers: int) -> dict:
     """Run one method in a fresh interpreter: wall time, CPU time of all its processes (the fairer
     measure on a shared machine) and the peak RSS of its largest process."""
+    here = os.path.dirname(os.path.abspath(__file__))
     code = (
-        "import json, resource, sys, time; sys.path.insert(0, %r); import preprocess as b; t = time.perf_counter(); "
-        "b.run_%s(%r, %r, %r, %d); wall = time.perf_counter() - t; "
+        f"import json, resource, sys, time; sys.path.insert(0, {here!r}); import preprocess as b; "
+        f"t = time.perf_counter(); b.run_{method}({input_path!r}, {tokenizer_dir!r}, {prefix!r}, {workers:d}); "
+        "wall = time.perf_counter() - t; "
         "usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]; "
         "rss = max(u.ru_maxrss for u in usage); cpu = sum(u.ru_utime + u.ru_stime for u in usage); "
         "print('RESULT ' + json.dumps({'wall_s': wall, 'cpu_s': cpu, 'peak_rss_mb': rss / 1024}))"
-    ) % (os.path.dirname(os.path.abspath(__file__)), method, input_path, tokenizer_dir, prefix, workers)
+    )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
 
@@ -117,7 +119,8 @@ def main() -> int:
         input_path = args.input or os.path.join(tmp, "input.jsonl")
         if not args.input:
             write_input(Path(input_path), args.mb, args.max_paragraphs)
-        text_mb = sum(len(json.loads(line)["text"].encode()) for line in open(input_path, encoding="utf-8")) / 1e6
+        with open(input_path, encoding="utf-8") as f:
+            text_mb = sum(len(json.loads(line)["text"].encode()) for line in f) / 1e6
         results = {}
         for method in ("baseline", "ours"):
             prefix = os.path.join(tmp, method)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
+import itertools
 import json
 import os
 import platform
@@ -48,13 +49,13 @@ from typing import Any
 
 import torch
 
+from qwen3_pretrain.config.model import get_preset
 from qwen3_pretrain.data.gpt_dataset import build_gpt_datasets
 from qwen3_pretrain.data.indexed import IndexedDatasetWriter, best_dtype
 from qwen3_pretrain.data.loader import build_pretraining_loader
 from qwen3_pretrain.data.mock import MockGPTDataset
 from qwen3_pretrain.distributed.device import device_module, device_type, local_device
 from qwen3_pretrain.model import kernels
-from qwen3_pretrain.config.model import get_preset
 from qwen3_pretrain.model.qwen3 import IGNORE_INDEX
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -86,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ours: the SDPA kernel tried first (HF keeps torch's order)")
     parser.add_argument("--skip-hf", action="store_true", help="run only our trainer")
     parser.add_argument("--matmul-size", type=int, default=None,
-                        help="largest side of the square matmul for the peak (default 8192 on accelerators, 2048 on CPU)")
+                        help="largest side of the square matmul for the peak "
+                             "(default 8192 on accelerators, 2048 on CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="ours: profile one extra step; its op table goes to DIR/profile_ours_<dtype>.txt")
@@ -133,7 +135,8 @@ def write_mock_dataset(folder: Path, args: argparse.Namespace) -> str:
 
 
 def trainer_flags(args: argparse.Namespace, dtype: str) -> list[str]:
-    """The `qwen3-pretrain train` flags of this benchmark: `--accumulation` micro batches per step, no eval, no saves."""
+    """The `qwen3-pretrain train` flags of this benchmark: `--accumulation` micro batches per step, no eval, no
+    saves."""
     flags = [
         "--model", args.model, "--data-path", args.data_prefix, "--split", "100,0,0",
         "--data-cache-path", str(Path(args.data_prefix).parent / "index-cache"),
@@ -159,7 +162,7 @@ def step_batches(dataset: torch.utils.data.Dataset, args: argparse.Namespace, de
     """`steps` steps of `--accumulation` micro batches from sample `first_sample` on (pinned off the CPU)."""
     loader = build_pretraining_loader(dataset, first_sample, args.micro_batch_size, dp_rank=0, dp_size=1)
     needed = steps * args.accumulation
-    batches = [batch for _, batch in zip(range(needed), loader)]
+    batches = list(itertools.islice(loader, needed))
     if len(batches) < needed:
         raise RuntimeError(f"the mock dataset holds {len(batches)} micro batches, {needed} are needed")
     if device.type != "cpu":
@@ -185,11 +188,11 @@ def profiled_step_batches(args: argparse.Namespace, device: torch.device) -> lis
 
 def ours_step(args: argparse.Namespace, dtype: str) -> tuple[Callable[[list[Batch]], torch.Tensor], list[list[Batch]]]:
     """Our Trainer, built exactly as `qwen3-pretrain train` builds it; one call = one `train_step`."""
-    from qwen3_pretrain.config import parse_train_args
     from qwen3_pretrain.distributed.mesh import init_parallel
+    from qwen3_pretrain.train.preflight import prepare
     from qwen3_pretrain.train.trainer import Trainer
 
-    config = parse_train_args(trainer_flags(args, dtype), world_size=1)
+    config = prepare(trainer_flags(args, dtype), world_size=1)
     trainer = Trainer(config, init_parallel(1, 1))
 
     def step(batches: list[Batch]) -> torch.Tensor:
@@ -204,17 +207,17 @@ def hf_step(args: argparse.Namespace, dtype: str) -> tuple[Callable[[list[Batch]
     (gradient accumulation by averaging the micro batches' mean losses; the mock data has no masked labels)."""
     import transformers
 
-    from qwen3_pretrain.config import parse_train_args
     from qwen3_pretrain.distributed.mesh import init_parallel
-    from qwen3_pretrain.train.trainer import build_model
+    from qwen3_pretrain.train.preflight import prepare
+    from qwen3_pretrain.train.trainer import Trainer
 
     transformers.logging.set_verbosity_error()
     ours_only = {"compile": False, "recompute": None, "attention_backend": "auto"}
     flags = trainer_flags(argparse.Namespace(**{**vars(args), **ours_only}), "fp32")
-    config = parse_train_args(flags, world_size=1)
+    config = prepare(flags, world_size=1)
     env = init_parallel(1, 1)
     device = env.device
-    initial = build_model(config, env)[0].state_dict()  # the weights our trainer starts from (seeded by --seed)
+    initial = Trainer(config, env).model_parts[0].state_dict()  # the weights our trainer starts from (--seed)
     model_config = config.require_resolved().model_config
     hf_config = transformers.Qwen3Config(**{**model_config.to_hf_dict(), "dtype": "float32", "use_cache": False})
     hf_config._attn_implementation = "sdpa"
@@ -361,7 +364,7 @@ def profile_step(step: Callable[[list[Batch]], torch.Tensor], batches: list[Batc
         events = prof.key_averages()
         write_text_atomic(path, events.table(sort_by=time_key, row_limit=40, max_name_column_width=100))
         total, shares = self_time_shares(events, time_key, device_only=on_cuda)
-    except Exception as error:  # noqa: BLE001  (the benchmark's numbers stand without the profile)
+    except Exception as error:
         return {"error": f"{type(error).__name__}: {error}"}
     return {"time": "cuda" if on_cuda else "cpu", "total_ms": total / 1000, "table": str(path), "shares": shares}
 
@@ -489,8 +492,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"device: {m['device_type']} ({m['device_name']}), torch {m['torch']}, transformers {m['transformers']}, "
         f"{m['cpu_count']} CPUs ({m['cpu_affinity']} usable, {m['torch_threads']} torch threads)",
         f"model {c['model']} ({c['num_parameters'] / 1e6:.1f}M params, {c['flops_per_token'] / 1e9:.3f} GFLOP/token), "
-        f"seq {c['seq_length']}, micro batch {c['micro_batch_size']} x {c['accumulation']} per step, {c['iters']} timed + "
-        f"{c['warmup']} warmup "
+        f"seq {c['seq_length']}, micro batch {c['micro_batch_size']} x {c['accumulation']} per step, "
+        f"{c['iters']} timed + {c['warmup']} warmup "
         f"iterations, compile {c['compile']}, recompute {c['recompute']}, attention {c['attention_backend']}",
         "measured matmul peak: " + ", ".join(
             f"{k} {v:.3f} TFLOP/s (n={report['matmul_size'][k]})" for k, v in report["peak_tflops"].items()
@@ -550,7 +553,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     config = get_preset(args.model)
     with tempfile.TemporaryDirectory(prefix="qwen3-bench-") as folder:
         prefix = write_mock_dataset(Path(folder), args)
-        results = [summarize(run_variant(args, impl, d, prefix), args, peaks, spec_peak) for d in dtypes for impl in impls]
+        results = [
+            summarize(run_variant(args, impl, d, prefix), args, peaks, spec_peak) for d in dtypes for impl in impls
+        ]
     ratios = {}
     for d in dtypes:
         by_impl = {r["impl"]: r for r in results if r["dtype"] == d and "error" not in r}

@@ -34,12 +34,5 @@ def one_thread() -> Iterator[None]:
 @pytest.fixture(params=["native", "via-float32"])
 def cpu_bf16_kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a bf16 test with torch's own CPU bf16 kernels and with bf16 on float32 units (`model.kernels`)."""
-    monkeypatch.setattr(kernels, "_cpu_bf16_via_float32", request.param == "via-float32")
+    monkeypatch.setattr(kernels, "cpu_has_fast_bf16_matmul", lambda: request.param == "native")
     return str(request.param)
-
-
-@pytest.fixture
-def restore_attention_backend() -> Iterator[None]:
-    """Put the SDPA kernel order back to torch's own after a test that selects an `--attention-backend`."""
-    yield
-    kernels.select_attention_backend("auto")

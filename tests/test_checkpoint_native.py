@@ -20,10 +20,11 @@ import pytest
 import torch
 
 from qwen3_pretrain.checkpoint import native
+from qwen3_pretrain.checkpoint.hf import save_pretrained
+from qwen3_pretrain.checkpoint.loader import detect_format
 from qwen3_pretrain.checkpoint.native import (
     LATEST_FILE,
     CheckpointError,
-    detect_checkpoint_format,
     load_checkpoint,
     load_model_config,
     load_model_tensors,
@@ -31,12 +32,15 @@ from qwen3_pretrain.checkpoint.native import (
 )
 from qwen3_pretrain.config.model import get_preset
 from qwen3_pretrain.model.qwen3 import Qwen3ForCausalLM
+
 from distributed_helpers import free_port
 
 CONFIG = {"model": {"hidden_size": 64, "num_hidden_layers": 2}, "train": {"lr": 1e-3, "betas": (0.9, 0.95)}}
 
 
-def _setup(seed: int, hidden_size: int = 64) -> tuple[Qwen3ForCausalLM, torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+def _setup(
+    seed: int, hidden_size: int = 64
+) -> tuple[Qwen3ForCausalLM, torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """A tiny tied Qwen3 with AdamW and a warmup+decay LambdaLR."""
     torch.manual_seed(seed)
     config = get_preset("qwen3-tiny")
@@ -67,7 +71,7 @@ def _assert_same(a: Any, b: Any, where: str = "state") -> None:
             _assert_same(a[key], b[key], f"{where}.{key}")
     elif isinstance(a, (list, tuple)):
         assert type(a) is type(b) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             _assert_same(x, y, f"{where}[{i}]")
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
@@ -173,10 +177,10 @@ def test_clear_errors(tmp_path: Path) -> None:
         load_checkpoint(tmp_path, model, optimizer)
     with pytest.raises(CheckpointError, match="holds no LR scheduler state"):
         load_checkpoint(tmp_path, model, lr_scheduler=scheduler)
-    with pytest.raises(CheckpointError, match="iteration 7 was requested, but .*iter_0000007 does not exist"):
+    with pytest.raises(CheckpointError, match=r"iteration 7 was requested, but .*iter_0000007 does not exist"):
         load_checkpoint(tmp_path, model, iteration=7)
     wider, _, _ = _setup(seed=0, hidden_size=32)
-    with pytest.raises(CheckpointError, match="cannot load the model from .*iter_0000001"):
+    with pytest.raises(CheckpointError, match=r"cannot load the model from .*iter_0000001"):
         load_checkpoint(tmp_path, wider)
 
     (tmp_path / LATEST_FILE).write_text("9\n")
@@ -191,7 +195,7 @@ def test_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="cannot load the model from"):
         load_checkpoint(tmp_path, model)
     (tmp_path / "iter_0000001" / "train_state.pt").write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match="train_state.pt is corrupt"):
+    with pytest.raises(CheckpointError, match=r"train_state.pt is corrupt"):
         load_checkpoint(tmp_path, model)
     with pytest.raises(TypeError, match=r"config.model.bad = <object"):
         save_checkpoint(tmp_path, 2, model, None, None, {}, {"model": {"bad": object()}})
@@ -203,19 +207,19 @@ def test_clear_errors(tmp_path: Path) -> None:
 def test_detect_checkpoint_format(tmp_path: Path) -> None:
     model, _, _ = _setup(seed=0)
     save_checkpoint(tmp_path / "native", 5, model, None, None, {}, CONFIG)
-    model.save_pretrained(tmp_path / "hf")
+    save_pretrained(model, tmp_path / "hf")
     mcore = tmp_path / "mcore" / "iter_0000001" / "mp_rank_00"
     mcore.mkdir(parents=True)
     torch.save({"model": {}}, mcore / "model_optim_rng.pt")
     (tmp_path / "mcore" / LATEST_FILE).write_text("1")
     (tmp_path / "empty").mkdir()
-    assert detect_checkpoint_format(tmp_path / "native") == "native"
-    assert detect_checkpoint_format(tmp_path / "native" / "iter_0000005") == "native"
-    assert detect_checkpoint_format(tmp_path / "hf") == "hf"
-    assert detect_checkpoint_format(tmp_path / "mcore") == "mcore"
-    assert detect_checkpoint_format(tmp_path / "mcore" / "iter_0000001") == "mcore"
-    assert detect_checkpoint_format(tmp_path / "empty") is None
-    assert detect_checkpoint_format(tmp_path / "missing") is None
+    assert detect_format(tmp_path / "native") == "native"
+    assert detect_format(tmp_path / "native" / "iter_0000005") == "native"
+    assert detect_format(tmp_path / "hf") == "hf"
+    assert detect_format(tmp_path / "mcore") == "mcore"
+    assert detect_format(tmp_path / "mcore" / "iter_0000001") == "mcore"
+    assert detect_format(tmp_path / "empty") is None
+    assert detect_format(tmp_path / "missing") is None
 
 
 # ---- kill -9 in the middle of a save -------------------------------------------------------------
@@ -275,7 +279,8 @@ def faulted_saves(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One worker process runs every fault (one interpreter start instead of one per fault)."""
     workdir = tmp_path_factory.mktemp("faults")
     result = subprocess.run(
-        [sys.executable, __file__, "fault", str(workdir)], env=_cpu_env(), capture_output=True, text=True, timeout=180
+        [sys.executable, __file__, "fault", str(workdir)],
+        env=_cpu_env(), capture_output=True, text=True, timeout=180, check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return workdir
@@ -327,7 +332,9 @@ def _fsdp_worker(rank: int, world_size: int, port: int, workdir: Path) -> None:
     train_state = load_checkpoint(workdir / "single", model, optimizer, scheduler)
     state = _full_state(model, optimizer)
     if rank == 0:
-        torch.save({**state, "scheduler": scheduler.state_dict(), "train_state": train_state}, workdir / "single_loaded.pt")
+        torch.save(
+            {**state, "scheduler": scheduler.state_dict(), "train_state": train_state}, workdir / "single_loaded.pt"
+        )
     dist.barrier()
     dist.destroy_process_group()
 
@@ -364,7 +371,8 @@ def test_fsdp2_two_processes_and_single_process_load_each_other(tmp_path: Path) 
     with pytest.warns(UserWarning, match="saved by 2 processes and is loaded by 1: RNG states are not restored"):
         train_state = load_checkpoint(tmp_path / "fsdp", model, optimizer, scheduler)
     assert train_state == {"consumed_samples": 8, "iteration": 2}
-    _assert_same(fsdp_expected, {**_full_state(model, optimizer), "scheduler": scheduler.state_dict()}, "FSDP2 -> 1 process")
+    fsdp_loaded = {**_full_state(model, optimizer), "scheduler": scheduler.state_dict()}
+    _assert_same(fsdp_expected, fsdp_loaded, "FSDP2 -> 1 process")
 
 
 def _main(argv: list[str]) -> None:

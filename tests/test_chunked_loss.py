@@ -16,6 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from qwen3_pretrain.model import Qwen3Config, Qwen3ForCausalLM, causal_lm_loss, chunked_lm_head_loss
+
 from distributed_helpers import exit_after
 
 VOCAB, HIDDEN = 128, 32
@@ -95,7 +96,7 @@ def _grads(loss_fn: LossFn, dtype: torch.dtype) -> list[torch.Tensor]:
 def test_function_equals_plain_cross_entropy_fp32(reduction: str, chunk: int) -> None:
     plain = _grads(lambda h, w, y: causal_lm_loss(h @ w.T, y, reduction), torch.float32)
     fused = _grads(lambda h, w, y: chunked_lm_head_loss(h, w, y, chunk, reduction), torch.float32)
-    for what, got, expected in zip(("loss", "hidden grad", "weight grad"), fused, plain):
+    for what, got, expected in zip(("loss", "hidden grad", "weight grad"), fused, plain, strict=True):
         assert got.dtype == expected.dtype and _rel(got, expected) <= 1e-6, what
 
 
@@ -104,14 +105,14 @@ def test_function_equals_plain_cross_entropy_bf16_and_autocast() -> None:
     exact = _grads(lambda h, w, y: causal_lm_loss(h.double() @ w.double().T, y), torch.float32)
     plain = _grads(lambda h, w, y: causal_lm_loss(h @ w.T, y), torch.bfloat16)
     fused = _grads(lambda h, w, y: chunked_lm_head_loss(h, w, y, CHUNK), torch.bfloat16)
-    for got, expected, truth in zip(fused, plain, exact):
+    for got, expected, truth in zip(fused, plain, exact, strict=True):
         assert got.dtype == expected.dtype
         assert _rel(got, expected) <= 2e-2 and _rel(got, truth) <= 2e-2  # bf16 rounding of inputs and logits
 
     with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 tensors, bf16 matmuls, as nn.Linear under autocast
         plain = _grads(lambda h, w, y: causal_lm_loss(torch.nn.functional.linear(h, w), y), torch.float32)
         fused = _grads(lambda h, w, y: chunked_lm_head_loss(h, w, y, CHUNK), torch.float32)
-    for got, expected, truth in zip(fused, plain, exact):
+    for got, expected, truth in zip(fused, plain, exact, strict=True):
         assert got.dtype == expected.dtype == torch.float32
         assert _rel(got, expected) <= 2e-2 and _rel(got, truth) <= 2e-2
     assert _rel(fused[2], exact[2]) > 1e-6  # the matmuls really ran in bf16
@@ -185,7 +186,8 @@ def test_model_loss_only_forward_equals_logits_path_fp32(tied: bool, reduction: 
     assert _rel(loss, expected_loss) <= 1e-6
     assert grads.keys() == expected.keys()
     for name, grad in grads.items():
-        assert _rel(grad, expected[name]) <= 1e-6, name
+        # 2e-6: float32 summation order alone gives up to 1.06e-6 (a k_norm weight, AMD EPYC AVX2, torch 2.13)
+        assert _rel(grad, expected[name]) <= 2e-6, name
 
 
 @pytest.mark.usefixtures("cpu_bf16_kernels")
@@ -253,7 +255,7 @@ def distributed_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}"]
     command = [*launcher, __file__, str(out_dir)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "QWEN3_PRETRAIN_DEVICE": "cpu"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     return out_dir
 

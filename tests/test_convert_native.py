@@ -1,4 +1,5 @@
-"""`qwen3-pretrain convert --load-model-type native`: a train checkpoint -> HF or mcore, bit-identical, and bad input."""
+"""`qwen3-pretrain convert --load-model-type native`: a train checkpoint -> HF or mcore, bit-identical, and bad
+input."""
 
 from __future__ import annotations
 
@@ -11,31 +12,39 @@ import pytest
 import torch
 import transformers
 
-from qwen3_pretrain.checkpoint.hf import load_hf_state_dict, save_hf_state_dict
+from qwen3_pretrain.checkpoint.hf import load_hf_state_dict, load_pretrained, save_hf_state_dict
 from qwen3_pretrain.checkpoint.mcore import HF_CONFIG_SUBDIR, MODEL_FILE, load_pt
 from qwen3_pretrain.checkpoint.native import LATEST_FILE, save_checkpoint
 from qwen3_pretrain.config.model import Qwen3Config, get_preset
 from qwen3_pretrain.model.qwen3 import Qwen3ForCausalLM
-from test_export import _tokenizer_dir, _trained_checkpoint
-from test_mcore_convert import assert_fails_cleanly, assert_identical, convert
+
+from checkpoint_helpers import (
+    assert_fails_cleanly,
+    assert_identical,
+    convert,
+    fake_tokenizer_dir,
+    trained_native_checkpoint,
+)
 
 transformers.logging.set_verbosity_error()
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json"]  # those test_export's tokenizer directory has
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json"]  # those fake_tokenizer_dir has
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
 def trained(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Qwen3ForCausalLM, Path]:
     """A tiny Qwen3 after one AdamW step, saved natively at iteration 1 with a tokenizer recorded in its run config."""
     root = tmp_path_factory.mktemp("native")
-    return _trained_checkpoint(root, request.param, _tokenizer_dir(root))
+    return trained_native_checkpoint(root, request.param, fake_tokenizer_dir(root))
 
 
 def native_to(kind: str, src: Path, dst: Path, *extra: str | Path) -> None:
-    assert convert("--load-model-type", "native", "--save-model-type", kind, "--load-dir", src, "--save-dir", dst, *extra) == 0
+    assert convert(
+        "--load-model-type", "native", "--save-model-type", kind, "--load-dir", src, "--save-dir", dst, *extra
+    ) == 0
 
 
 def test_native_to_hf_is_bit_identical_and_loads(trained, tmp_path) -> None:
@@ -45,7 +54,7 @@ def test_native_to_hf_is_bit_identical_and_loads(trained, tmp_path) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", *TOKENIZER_FILES]
     assert_identical(load_hf_state_dict(out), model.hf_state_dict())  # no lm_head.weight when tied
     assert Qwen3Config.from_pretrained(out) == dataclasses.replace(model.config, torch_dtype="float32")
-    ours = Qwen3ForCausalLM.from_pretrained(out)
+    ours = load_pretrained(out)
     assert_identical(ours.state_dict(), model.state_dict())
     reference = transformers.Qwen3ForCausalLM.from_pretrained(out).eval()
     ids = torch.randint(0, model.config.vocab_size, (2, 8))
@@ -57,7 +66,8 @@ def test_native_to_mg_tp2_pp2_to_hf_is_bit_identical(trained, tmp_path) -> None:
     model, ckpt = trained
     native_to("mg", ckpt, tmp_path / "mg", "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2")
     iter_dir = tmp_path / "mg" / "iter_0000001"
-    assert sorted(p.name for p in iter_dir.iterdir()) == [f"mp_rank_{t:02d}_{p:03d}" for t in range(2) for p in range(2)]
+    expected_dirs = [f"mp_rank_{t:02d}_{p:03d}" for t in range(2) for p in range(2)]
+    assert sorted(p.name for p in iter_dir.iterdir()) == expected_dirs
     args = load_pt(iter_dir / "mp_rank_01_001" / MODEL_FILE)["args"]
     assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (2, 2)
     assert args.untie_embeddings_and_output_weights is not model.config.tie_word_embeddings
@@ -68,7 +78,8 @@ def test_native_to_mg_tp2_pp2_to_hf_is_bit_identical(trained, tmp_path) -> None:
                    "--save-dir", tmp_path / "back") == 0
     assert_identical(load_hf_state_dict(tmp_path / "back"), model.hf_state_dict())
     assert Qwen3Config.from_pretrained(tmp_path / "back") == dataclasses.replace(model.config, torch_dtype="float32")
-    assert (tmp_path / "back" / "tokenizer.json").read_bytes() == (ckpt.parent / "tokenizer" / "tokenizer.json").read_bytes()
+    tokenizer_json = ckpt.parent / "tokenizer" / "tokenizer.json"
+    assert (tmp_path / "back" / "tokenizer.json").read_bytes() == tokenizer_json.read_bytes()
 
 
 def test_iteration_dir_params_dtype_and_hf_cfg_dir(trained, tmp_path, capsys) -> None:
@@ -111,7 +122,7 @@ def test_error_not_a_native_checkpoint(tmp_path, capsys) -> None:
 
 
 def test_error_incomplete_or_foreign_checkpoints(trained, tmp_path, capsys) -> None:
-    model, ckpt = trained
+    _, ckpt = trained
     copy = tmp_path / "ckpt"
     shutil.copytree(ckpt, copy)
     out = tmp_path / "out"
@@ -123,7 +134,9 @@ def test_error_incomplete_or_foreign_checkpoints(trained, tmp_path, capsys) -> N
     assert_fails_cleanly(capsys, tmp_path, native_argv(tmp_path / "mg", out),
                          "is an mcore checkpoint, not a native one", "--load-model-type mg")
     (copy / "iter_0000001" / "config.yaml").write_text("train: {}\n")
-    assert_fails_cleanly(capsys, tmp_path, native_argv(copy, out, "mg"), "has no 'model' section with Qwen3Config fields")
+    assert_fails_cleanly(
+        capsys, tmp_path, native_argv(copy, out, "mg"), "has no 'model' section with Qwen3Config fields"
+    )
 
 
 def test_error_lost_tie_mismatched_cfg_dir_and_busy_output(tmp_path, capsys) -> None:

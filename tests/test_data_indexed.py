@@ -9,6 +9,9 @@ import struct
 import numpy as np
 import pytest
 import torch
+
+pytest.importorskip("megatron.core")
+
 from megatron.core.datasets.indexed_dataset import IndexedDataset as MegatronIndexedDataset
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
@@ -91,18 +94,19 @@ def test_we_read_megatron_builder_files(tmp_path) -> None:
 
 def test_writer_is_atomic_and_cleans_up(tmp_path) -> None:
     prefix = str(tmp_path / "out")
-    with pytest.raises(RuntimeError):
-        with IndexedDatasetWriter(prefix, np.int32) as writer:
-            writer.add_document([1, 2, 3])
-            assert not os.path.exists(prefix + ".bin")
-            raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError), IndexedDatasetWriter(prefix, np.int32) as writer:
+        writer.add_document([1, 2, 3])
+        assert not os.path.exists(prefix + ".bin")
+        raise RuntimeError("interrupted")
     assert os.listdir(tmp_path) == []
 
 
 def test_writer_rejects_ids_beyond_dtype(tmp_path) -> None:
-    with IndexedDatasetWriter(str(tmp_path / "x"), np.uint16) as writer:
-        with pytest.raises(IndexedDatasetError, match="does not fit in uint16"):
-            writer.add_document([1, 151643])
+    with (
+        IndexedDatasetWriter(str(tmp_path / "x"), np.uint16) as writer,
+        pytest.raises(IndexedDatasetError, match="does not fit in uint16"),
+    ):
+        writer.add_document([1, 151643])
     with pytest.raises(IndexedDatasetError, match="151936 tokens does not fit in uint16"):
         check_vocab_fits(151936, np.uint16)
 
@@ -144,7 +148,7 @@ def test_reader_reports_corrupt_files(tmp_path, kind, message) -> None:
 def test_data_info_reports_contents_and_truncation(tmp_path, capsys) -> None:
     from qwen3_pretrain.cli import main as cli_main
 
-    docs = [np.array([5, 6, 7, 0]), np.array([9, 0]), np.arange(1, 20).tolist() + [0]]
+    docs = [np.array([5, 6, 7, 0]), np.array([9, 0]), [*np.arange(1, 20).tolist(), 0]]
     prefix = str(tmp_path / "ds_text_document")
     write_ours(prefix, [np.asarray(d) for d in docs], np.uint16)
     assert cli_main(["data", "info", prefix + ".bin"]) == 0

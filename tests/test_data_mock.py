@@ -37,14 +37,14 @@ def test_window_is_uniform_tokens_seeded_by_seed_and_index() -> None:
     assert dataset[2]["tokens"].tolist() == expected[:-1].tolist()
     assert dataset[2]["labels"].tolist() == expected[1:].tolist()
     large = MockGPTDataset(1, 4096, vocab_size=151936, seed=0)[0]["tokens"]
-    assert 0 <= int(large.min()) and int(large.max()) < 151936 and len(set(large.tolist())) > 4000
+    assert int(large.min()) >= 0 and int(large.max()) < 151936 and len(set(large.tolist())) > 4000
 
 
 def test_deterministic_across_instances_and_order_and_seeds_differ() -> None:
     a, b = MockGPTDataset(6, SEQ, 512, seed=3), MockGPTDataset(6, SEQ, 512, seed=3)
     forward = [a[i]["tokens"] for i in range(6)]
     backward = [b[i]["tokens"] for i in reversed(range(6))][::-1]
-    assert all(torch.equal(x, y) for x, y in zip(forward, backward))
+    assert all(torch.equal(x, y) for x, y in zip(forward, backward, strict=True))
     assert not torch.equal(forward[0], forward[1])  # samples differ from each other
     assert not torch.equal(forward[0], MockGPTDataset(6, SEQ, 512, seed=4)[0]["tokens"])
 

@@ -59,7 +59,7 @@ def cached_tokenizer_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tokenizer_module, "load_tokenizer", _cached_load)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cached_load(path: str):
     return _real_load(path)
 

@@ -51,6 +51,7 @@ def data(tmp_path_factory) -> dict:
 
 def megatron_datasets(blend, split: str, sizes: list[int], seed: int, **flags):
     """The same datasets built by megatron-core (CPU, no process group, so no blend cache)."""
+    pytest.importorskip("megatron.core")
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset as MegatronGPTDataset
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
@@ -91,7 +92,7 @@ def test_samples_equal_megatron_core(data, tmp_path, data_path, split, sizes, fl
     )
     prefixes, weights = parse_data_path(resolved)
     theirs = megatron_datasets((prefixes, weights), split, sizes, 1234, **flags)
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=True):
         assert_same_samples(a, b)
     if weights is not None:
         assert isinstance(ours[0], BlendedDataset)
@@ -192,7 +193,7 @@ def test_dp_ranks_split_each_global_batch_and_resume_exactly(data, tmp_path) -> 
     for r in range(dp):
         resumed = list(build_pretraining_loader(train, consumed, micro, r, dp, num_workers=0))
         assert len(resumed) == len(streams[r]) - 5
-        for a, b in zip(resumed, streams[r][5:]):
+        for a, b in zip(resumed, streams[r][5:], strict=True):
             assert all(torch.equal(a[k], b[k]) for k in a)
 
 

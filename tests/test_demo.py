@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
+from qwen3_pretrain.checkpoint.hf import load_pretrained
 from qwen3_pretrain.demo import DemoPaths, run_demo
-from qwen3_pretrain.model.qwen3 import Qwen3ForCausalLM
 
 
 def test_quick_demo_runs_every_stage(tmp_path, monkeypatch) -> None:
@@ -18,5 +18,5 @@ def test_quick_demo_runs_every_stage(tmp_path, monkeypatch) -> None:
     records = [json.loads(line) for line in (paths.checkpoints / "metrics.jsonl").read_text().splitlines()]
     assert any("lm_loss" in record for record in records)
     assert (paths.checkpoints / "metrics.png").stat().st_size > 0
-    model = Qwen3ForCausalLM.from_pretrained(paths.hf_model)
+    model = load_pretrained(paths.hf_model)
     assert model.config.vocab_size == 151936

@@ -13,43 +13,22 @@ import transformers
 from safetensors import safe_open
 
 from qwen3_pretrain.checkpoint.export import export_native_to_hf, load_native_model_state
+from qwen3_pretrain.checkpoint.hf import load_pretrained
 from qwen3_pretrain.checkpoint.native import CheckpointError, save_checkpoint
 from qwen3_pretrain.cli import main as cli_main
 from qwen3_pretrain.config.model import Qwen3Config, get_preset
 from qwen3_pretrain.model.qwen3 import Qwen3ForCausalLM
 
+from checkpoint_helpers import fake_tokenizer_dir, trained_native_checkpoint
+
 transformers.logging.set_verbosity_error()
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
-def _tokenizer_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "tokenizer"
-    directory.mkdir()
-    (directory / "tokenizer.json").write_text('{"version": "1.0", "model": {}}')
-    (directory / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>"}')
-    (directory / "README.md").write_text("not a tokenizer file")
-    return directory
-
-
-def _trained_checkpoint(tmp_path: Path, tied: bool, tokenizer: Path | None = None) -> tuple[Qwen3ForCausalLM, Path]:
-    """A tiny Qwen3 after one AdamW step (so the tie and every tensor matter), saved natively."""
-    torch.manual_seed(0)
-    config = dataclasses.replace(get_preset("qwen3-tiny"), tie_word_embeddings=tied)
-    model = Qwen3ForCausalLM(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    tokens = torch.randint(0, config.vocab_size, (2, 9))  # [b, s + 1]
-    model(tokens[:, :-1], labels=tokens[:, 1:]).loss.backward()
-    optimizer.step()
-    run_config = {"model": dataclasses.asdict(config), "flags": {"tokenizer-name-or-path": str(tokenizer)}}
-    save_dir = tmp_path / "ckpt"
-    save_checkpoint(save_dir, 1, model, optimizer, None, {}, run_config)
-    return model.eval(), save_dir
-
-
 @pytest.mark.parametrize("tied", [True, False])
 def test_export_loads_in_transformers_with_our_logits(tmp_path: Path, tied: bool) -> None:
-    tokenizer = _tokenizer_dir(tmp_path)
-    model, save_dir = _trained_checkpoint(tmp_path, tied, tokenizer)
+    tokenizer = fake_tokenizer_dir(tmp_path)
+    model, save_dir = trained_native_checkpoint(tmp_path, tied, tokenizer)
     out = export_native_to_hf(save_dir, tmp_path / "hf", dtype=torch.float32)
 
     assert sorted(p.name for p in out.iterdir()) == [
@@ -58,7 +37,7 @@ def test_export_loads_in_transformers_with_our_logits(tmp_path: Path, tied: bool
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (out / name).read_bytes() == (tokenizer / name).read_bytes()
     with safe_open(out / "model.safetensors", framework="pt") as handle:
-        assert ("lm_head.weight" in handle.keys()) is not tied
+        assert ("lm_head.weight" in handle.keys()) is not tied  # noqa: SIM118  (safe_open has no __contains__)
     reference = transformers.Qwen3ForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids = torch.randint(0, model.config.vocab_size, (2, 12))
     with torch.no_grad():
@@ -66,13 +45,13 @@ def test_export_loads_in_transformers_with_our_logits(tmp_path: Path, tied: bool
 
 
 def test_default_dtype_is_the_config_dtype_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    tokenizer = _tokenizer_dir(tmp_path)
-    model, save_dir = _trained_checkpoint(tmp_path, tied=True)
+    tokenizer = fake_tokenizer_dir(tmp_path)
+    model, save_dir = trained_native_checkpoint(tmp_path, tied=True)
     out = tmp_path / "hf"
     args = ["export", "--load", str(save_dir), "--save-dir", str(out), "--tokenizer-dir", str(tokenizer)]
     assert cli_main(args) == 0
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
-    exported = Qwen3ForCausalLM.from_pretrained(out)
+    exported = load_pretrained(out)
     for name, tensor in exported.state_dict().items():
         assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, model.state_dict()[name].bfloat16()), name
 
@@ -84,7 +63,7 @@ def test_default_dtype_is_the_config_dtype_and_cli(tmp_path: Path, capsys: pytes
 
 
 def test_load_native_model_state(tmp_path: Path) -> None:
-    model, save_dir = _trained_checkpoint(tmp_path, tied=True)
+    model, save_dir = trained_native_checkpoint(tmp_path, tied=True)
     config, state = load_native_model_state(save_dir)
     assert config == model.config
     assert state.keys() == model.state_dict().keys()
@@ -97,11 +76,11 @@ def test_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     model = Qwen3ForCausalLM(get_preset("qwen3-tiny"))
     save_checkpoint(tmp_path / "no_model", 1, model, None, None, {}, {"train": {}})
     with pytest.raises(CheckpointError, match="has no 'model' section with Qwen3Config fields"):
-        export_native_to_hf(tmp_path / "no_model", tmp_path / "out", tokenizer_dir=_tokenizer_dir(tmp_path))
+        export_native_to_hf(tmp_path / "no_model", tmp_path / "out", tokenizer_dir=fake_tokenizer_dir(tmp_path))
 
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach() + 1)  # config still says tied
     save_checkpoint(tmp_path / "untied", 1, model, None, None, {}, {"model": dataclasses.asdict(model.config)})
-    with pytest.raises(CheckpointError, match="ties word embeddings but lm_head.weight differs"):
+    with pytest.raises(CheckpointError, match=r"ties word embeddings but lm_head.weight differs"):
         export_native_to_hf(tmp_path / "untied", tmp_path / "out")
 
     wrong = {"model": dataclasses.asdict(Qwen3Config(**{**dataclasses.asdict(model.config), "hidden_size": 32}))}

@@ -1,13 +1,12 @@
 """model/kernels.py: the reference path equals HF transformers' Qwen3 math, the npu backend calls torch_npu's
 fused kernels with the right layouts (a fake torch_npu records the calls), and a decoder block compiles
-without graph breaks."""
+without graph breaks. The kernel choice is a `KernelOptions` passed to each call."""
 
 from __future__ import annotations
 
 import math
 import sys
 import types
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,10 +15,13 @@ import torch.nn.functional as F
 from transformers.models.qwen3 import modeling_qwen3 as hf
 
 from qwen3_pretrain.model import Qwen3Config, kernels
+from qwen3_pretrain.model.kernels import KernelOptions
 from qwen3_pretrain.model.layers import DecoderLayer, RotaryEmbedding
-from test_model import rel_err
+
+from model_helpers import rel_err
 
 B, S, HEADS, KV_HEADS, D = 2, 11, 4, 2, 16
+NPU, TORCH = KernelOptions(backend="npu"), KernelOptions(backend="torch")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,18 +44,11 @@ def _cos_sin(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     return RotaryEmbedding(D, 10_000.0)(positions, dtype)  # [b, s, d] each
 
 
-@pytest.fixture
-def restore_backend() -> Iterator[None]:
-    before = kernels.active_backend()
-    yield
-    kernels.select_backend(before)
-
-
 # ---- the reference path is HF's math ---------------------------------------------------------------
 
 
 def test_cpu_process_uses_the_reference_backend() -> None:
-    assert kernels.active_backend() == "torch"
+    assert KernelOptions().backend_for(torch.device("cpu")) == "torch"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -117,31 +112,31 @@ def _attention_ops(fn: Any) -> set[str]:
 
 
 @pytest.mark.parametrize("name", list(kernels.ATTENTION_BACKENDS))
-def test_attention_backend_orders_the_sdpa_kernels(name: str, restore_attention_backend: None) -> None:
+def test_attention_backend_orders_the_sdpa_kernels(name: str) -> None:
     q = _randn(B, S, HEADS, D).requires_grad_()
     k, v = _randn(B, S, KV_HEADS, D, seed=1), _randn(B, S, KV_HEADS, D, seed=2)
     expected = kernels.attention(q, k, v, scale=D**-0.5)
     (expected_grad,) = torch.autograd.grad(expected.sum(), q)
-    assert kernels.select_attention_backend(name) == name
-    got = kernels.attention(q, k, v, scale=D**-0.5)
-    assert _attention_ops(lambda: kernels.attention(q, k, v, scale=D**-0.5)) == {CPU_SDPA_KERNEL[name]}
+    options = KernelOptions(attention=name)
+    got = kernels.attention(q, k, v, D**-0.5, options)
+    assert _attention_ops(lambda: kernels.attention(q, k, v, D**-0.5, options)) == {CPU_SDPA_KERNEL[name]}
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.autograd.grad(got.sum(), q)[0], expected_grad, rtol=1e-5, atol=1e-6)
 
 
-def test_attention_backend_compiles_without_graph_breaks(restore_attention_backend: None) -> None:
+def test_attention_backend_compiles_without_graph_breaks() -> None:
     q = _randn(B, S, HEADS, D)
     k, v = _randn(B, S, KV_HEADS, D, seed=1), _randn(B, S, KV_HEADS, D, seed=2)
-    kernels.select_attention_backend("unfused")
+    unfused = KernelOptions(attention="unfused")
     torch._dynamo.reset()
-    compiled = torch.compile(lambda *t: kernels.attention(*t, scale=D**-0.5), backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(lambda *t: kernels.attention(*t, D**-0.5, unfused), backend="aot_eager", fullgraph=True)
     assert _attention_ops(lambda: compiled(q, k, v)) == {CPU_SDPA_KERNEL["unfused"]}
-    torch.testing.assert_close(compiled(q, k, v), kernels.attention(q, k, v, scale=D**-0.5), rtol=0, atol=0)
+    torch.testing.assert_close(compiled(q, k, v), kernels.attention(q, k, v, D**-0.5, unfused), rtol=0, atol=0)
 
 
-def test_unknown_attention_backend_is_refused(restore_attention_backend: None) -> None:
+def test_unknown_attention_backend_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown attention backend 'fa3'; use one of auto, flash, fused"):
-        kernels.select_attention_backend("fa3")
+        KernelOptions(attention="fa3")
 
 
 # ---- bf16 on float32 units (CPUs without fast bf16 matmuls) ----------------------------------------
@@ -159,13 +154,18 @@ def _saved_dtypes(fn: Any) -> tuple[Any, list[torch.dtype]]:
         return fn(), saved
 
 
+def _cpu_bf16_via_float32(monkeypatch: pytest.MonkeyPatch, via_float32: bool) -> None:
+    """Pretend the CPU lacks (True) or has (False) fast bf16 matmuls."""
+    monkeypatch.setattr(kernels, "cpu_has_fast_bf16_matmul", lambda: not via_float32)
+
+
 def test_bf16_via_float32_applies_to_cpu_bf16_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kernels, "_cpu_bf16_via_float32", True)
+    _cpu_bf16_via_float32(monkeypatch, True)
     cpu, meta = torch.device("cpu"), torch.device("meta")
     assert kernels.bf16_via_float32(cpu, torch.bfloat16)
     assert not kernels.bf16_via_float32(cpu, torch.float32) and not kernels.bf16_via_float32(cpu, torch.float16)
     assert not kernels.bf16_via_float32(meta, torch.bfloat16)
-    monkeypatch.setattr(kernels, "_cpu_bf16_via_float32", False)
+    _cpu_bf16_via_float32(monkeypatch, False)
     assert not kernels.bf16_via_float32(cpu, torch.bfloat16)
 
 
@@ -177,7 +177,7 @@ def test_linear_bf16_via_float32_is_a_float32_matmul_of_bf16_operands(
     x, w = _randn(B, S, 48, dtype=dtype).requires_grad_(), _randn(24, 48, dtype=dtype, seed=1).requires_grad_()
 
     def run(via_float32: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.dtype]]:
-        monkeypatch.setattr(kernels, "_cpu_bf16_via_float32", via_float32)
+        _cpu_bf16_via_float32(monkeypatch, via_float32)
         x.grad = w.grad = None
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             out, saved = _saved_dtypes(lambda: kernels.linear(x, w))
@@ -195,7 +195,7 @@ def test_linear_bf16_via_float32_is_a_float32_matmul_of_bf16_operands(
 
 
 def test_linear_leaves_float32_alone(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kernels, "_cpu_bf16_via_float32", True)
+    _cpu_bf16_via_float32(monkeypatch, True)
     x, w = _randn(B, S, 48), _randn(24, 48, seed=1)
     assert torch.equal(kernels.linear(x, w), F.linear(x, w))
 
@@ -207,11 +207,11 @@ def test_attention_bf16_via_float32_is_float32_attention_of_bf16_inputs(
     q = _randn(B, S, HEADS, D, dtype=torch.bfloat16)
     k = _randn(B, S, kv_heads, D, dtype=torch.bfloat16, seed=1)
     v = _randn(B, S, kv_heads, D, dtype=torch.bfloat16, seed=2)
-    monkeypatch.setattr(kernels, "_cpu_bf16_via_float32", True)
+    _cpu_bf16_via_float32(monkeypatch, True)
     got = kernels.attention(q, k, v, scale=D**-0.5)
     expected = kernels.attention(q.float(), k.float(), v.float(), scale=D**-0.5).bfloat16()
     assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
-    monkeypatch.setattr(kernels, "_cpu_bf16_via_float32", False)
+    _cpu_bf16_via_float32(monkeypatch, False)
     native = kernels.attention(q, k, v, scale=D**-0.5)
     assert native.dtype == torch.bfloat16 and rel_err(got, native) <= 1e-2
 
@@ -269,60 +269,60 @@ class FakeTorchNpu(types.ModuleType):
 
 
 @pytest.fixture
-def fake_npu(monkeypatch: pytest.MonkeyPatch, restore_backend: None) -> FakeTorchNpu:
+def fake_npu(monkeypatch: pytest.MonkeyPatch) -> FakeTorchNpu:
+    """(The fake) torch_npu, which the kernels import when their options pick the npu backend (`NPU`)."""
     fake = FakeTorchNpu()
     monkeypatch.setitem(sys.modules, "torch_npu", fake)
-    monkeypatch.setattr(kernels, "device_type", lambda: "npu")
-    assert kernels.select_backend() == "npu"  # picked from the device, importing (the fake) torch_npu
     return fake
 
 
-def test_select_backend_follows_the_device(monkeypatch: pytest.MonkeyPatch, restore_backend: None) -> None:
-    monkeypatch.setattr(kernels, "device_type", lambda: "cuda")
-    assert kernels.select_backend() == "torch"
+def test_kernel_backend_follows_the_device() -> None:
+    npu_device = types.SimpleNamespace(type="npu")  # stands in for torch.device("npu"), which needs torch_npu
+    assert KernelOptions().backend_for(torch.device("cuda")) == "torch"
+    assert KernelOptions().backend_for(npu_device) == "npu"
+    assert TORCH.backend_for(npu_device) == "torch" and NPU.backend_for(torch.device("cpu")) == "npu"
     with pytest.raises(ValueError, match="unknown kernel backend 'triton'; use one of torch, npu"):
-        kernels.select_backend("triton")
-    assert kernels.active_backend() == "torch"
+        KernelOptions(backend="triton")  # type: ignore[arg-type]
 
 
 def test_npu_kernels_get_documented_layouts(fake_npu: FakeTorchNpu) -> None:
     x, weight = _randn(B, S, 48, dtype=torch.bfloat16), 1 + _randn(48, seed=1)  # fp32 weight, bf16 input
-    out = kernels.rms_norm(x, weight, 1e-5)
+    out = kernels.rms_norm(x, weight, 1e-5, NPU)
     (_, (got_x, gamma), kwargs), = fake_npu.calls
     assert got_x is x and gamma.dtype == torch.bfloat16 and kwargs == {"epsilon": 1e-5} and out.dtype == torch.bfloat16
 
     q = _randn(B, S, HEADS, D)
     cos, sin = _cos_sin(torch.float32)
     expected = q * cos[:, :, None] + kernels.rotate_half(q) * sin[:, :, None]  # tables [b, s, 1, d]
-    torch.testing.assert_close(kernels.apply_rotary(q, cos, sin), expected)
+    torch.testing.assert_close(kernels.apply_rotary(q, cos, sin, NPU), expected)
     _, (_, r1, r2), _ = fake_npu.calls[-1]
     assert r1.shape == r2.shape == (B, S, 1, D)  # BSND input takes BS1D tables
 
     gate, up = _randn(B, S, 40), _randn(B, S, 40, seed=2)
-    torch.testing.assert_close(kernels.swiglu(gate, up), F.silu(gate) * up)
+    torch.testing.assert_close(kernels.swiglu(gate, up, NPU), F.silu(gate) * up)
     _, (packed,), kwargs = fake_npu.calls[-1]
     assert torch.equal(packed, torch.cat((gate, up), -1)) and kwargs == {"dim": -1}
 
     k, v = _randn(B, S, KV_HEADS, D, seed=3), _randn(B, S, KV_HEADS, D, seed=4)
-    got = kernels.attention(q, k, v, scale=0.25)
+    got = kernels.attention(q, k, v, 0.25, NPU)
     _, (got_q, got_k, got_v, head_num, layout), kwargs = fake_npu.calls[-1]
     assert got_q is q and got_k is k and got_v is v and head_num == HEADS and layout == "BSND"
     mask = kwargs.pop("atten_mask")
     assert kwargs == {"scale": 0.25, "keep_prob": 1.0, "sparse_mode": 2}
     assert mask.dtype == torch.bool and torch.equal(mask, torch.ones(2048, 2048, dtype=torch.bool).triu(1))
-    kernels.select_backend("torch")
-    torch.testing.assert_close(got, kernels.attention(q, k, v, scale=0.25), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, kernels.attention(q, k, v, 0.25, TORCH), rtol=1e-5, atol=1e-6)
 
 
 def test_decoder_layer_runs_every_npu_kernel_and_matches_reference(fake_npu: FakeTorchNpu) -> None:
     torch.manual_seed(0)
-    layer = DecoderLayer(_config())
+    layer = DecoderLayer(_config(), NPU)
+    reference_layer = DecoderLayer(_config(), TORCH)
+    reference_layer.load_state_dict(layer.state_dict())
     x = _randn(B, S, 48, seed=5)
     cos, sin = _cos_sin(torch.float32)
     with torch.no_grad():
         on_npu = layer(x, cos, sin)
-        kernels.select_backend("torch")
-        reference = layer(x, cos, sin)
+        reference = reference_layer(x, cos, sin)
     assert fake_npu.names() == [
         "npu_rms_norm", "npu_rms_norm", "npu_rms_norm",  # input_layernorm, q_norm, k_norm
         "npu_rotary_mul", "npu_rotary_mul", "npu_fusion_attention",
@@ -333,8 +333,8 @@ def test_decoder_layer_runs_every_npu_kernel_and_matches_reference(fake_npu: Fak
 
 def test_npu_causal_mask_is_built_once_per_device(fake_npu: FakeTorchNpu) -> None:
     q = _randn(1, 4, 2, 8)
-    kernels.attention(q, q, q, scale=1.0)
-    kernels.attention(q, q, q, scale=1.0)
+    kernels.attention(q, q, q, 1.0, NPU)
+    kernels.attention(q, q, q, 1.0, NPU)
     first, second = (kwargs["atten_mask"] for name, _, kwargs in fake_npu.calls)
     assert first is second
 
@@ -344,7 +344,7 @@ def test_npu_causal_mask_is_built_once_per_device(fake_npu: FakeTorchNpu) -> Non
 
 def test_decoder_layer_compiles_without_graph_breaks() -> None:
     torch.manual_seed(0)
-    layer = DecoderLayer(_config())
+    layer = DecoderLayer(_config(), KernelOptions())
     x = _randn(B, S, 48, seed=5).requires_grad_()
     cos, sin = _cos_sin(torch.float32)
     torch._dynamo.reset()

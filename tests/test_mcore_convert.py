@@ -13,7 +13,6 @@ import torch
 
 from qwen3_pretrain.checkpoint import convert as convert_module
 from qwen3_pretrain.checkpoint import mcore
-from qwen3_pretrain.checkpoint.convert import main as convert_main
 from qwen3_pretrain.checkpoint.hf import load_hf_state_dict, save_hf_state_dict
 from qwen3_pretrain.checkpoint.mcore import (
     MODEL_FILE,
@@ -26,6 +25,8 @@ from qwen3_pretrain.checkpoint.mcore import (
     write_mcore_checkpoint,
 )
 from qwen3_pretrain.config.model import ConfigError, Qwen3Config
+
+from checkpoint_helpers import assert_fails_cleanly, assert_identical, convert
 
 ITER = "iter_0000001"
 
@@ -70,30 +71,21 @@ def write_hf(directory: Path, config: Qwen3Config, seed: int = 0) -> dict[str, t
     return state
 
 
-def convert(*argv: str | Path) -> int:
-    return convert_main([str(a) for a in argv])
-
-
 def hf_to_mg(src: Path, dst: Path, tp: int = 1, pp: int = 1, *extra: str) -> None:
     assert convert("--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", src, "--save-dir", dst,
                    "--target-tensor-parallel-size", tp, "--target-pipeline-parallel-size", pp, *extra) == 0
 
 
 def mg_to_hf(src: Path, dst: Path, *extra: str) -> None:
-    assert convert("--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", src, "--save-dir", dst, *extra) == 0
+    assert convert(
+        "--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", src, "--save-dir", dst, *extra
+    ) == 0
 
 
 def resave(file: Path, obj: dict, **kwargs) -> None:
     """torch.save over a file that `load_pt` memory-mapped: write a new inode, never truncate the mapped one."""
     torch.save(obj, file.with_suffix(".new"), **kwargs)
     file.with_suffix(".new").replace(file)
-
-
-def assert_identical(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    assert set(actual) == set(expected)
-    for name, tensor in expected.items():
-        assert actual[name].dtype == tensor.dtype, name
-        assert torch.equal(actual[name], tensor), name
 
 
 def expected_stage_keys(stage_layers: list[int], stage: int, tied: bool) -> list[str]:
@@ -122,7 +114,9 @@ def check_layout_on_disk(root: Path, config: Qwen3Config, tp: int, stage_layers:
     shapes = {
         "embedding.word_embeddings.weight": (vocab // tp, c.hidden_size),
         "output_layer.weight": (vocab // tp, c.hidden_size),
-        "self_attention.linear_qkv.weight": ((c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim // tp, c.hidden_size),
+        "self_attention.linear_qkv.weight": (
+            (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim // tp, c.hidden_size
+        ),
         "self_attention.linear_proj.weight": (c.hidden_size, c.num_attention_heads * c.head_dim // tp),
         "mlp.linear_fc1.weight": (2 * c.intermediate_size // tp, c.hidden_size),
         "mlp.linear_fc2.weight": (c.hidden_size, c.intermediate_size // tp),
@@ -138,10 +132,15 @@ def check_layout_on_disk(root: Path, config: Qwen3Config, tp: int, stage_layers:
             assert saved["checkpoint_version"] == 3.0 and saved["iteration"] == 1
             args = saved["args"]
             assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (tp, pp)
-            assert (args.num_layers, args.hidden_size, args.ffn_hidden_size) == (c.num_hidden_layers, c.hidden_size, c.intermediate_size)
-            assert (args.num_attention_heads, args.num_query_groups, args.kv_channels) == (c.num_attention_heads, c.num_key_value_heads, c.head_dim)
+            assert (args.num_layers, args.hidden_size, args.ffn_hidden_size) == (
+                c.num_hidden_layers, c.hidden_size, c.intermediate_size
+            )
+            assert (args.num_attention_heads, args.num_query_groups, args.kv_channels) == (
+                c.num_attention_heads, c.num_key_value_heads, c.head_dim
+            )
             assert args.group_query_attention and args.qk_layernorm and args.swiglu and not args.add_bias_linear
-            assert args.padded_vocab_size == vocab and args.untie_embeddings_and_output_weights == (not c.tie_word_embeddings)
+            assert args.padded_vocab_size == vocab
+            assert args.untie_embeddings_and_output_weights == (not c.tie_word_embeddings)
             assert (args.rotary_base, args.norm_epsilon) == (c.rope_theta, c.rms_norm_eps)
             assert (args.position_embedding_type, args.normalization) == ("rope", "RMSNorm")
             assert list(saved["model"]) == expected_stage_keys(stage_layers, p, c.tie_word_embeddings)
@@ -213,7 +212,10 @@ def test_vocab_padding_repeats_last_row(tmp_path) -> None:
     hf_to_mg(tmp_path / "hf", tmp_path / "mg", tp=4)
     last = load_pt(tmp_path / "mg" / ITER / "mp_rank_03" / MODEL_FILE)["model"]
     assert last["embedding.word_embeddings.weight"].shape[0] == 23  # 92 / 4
-    for key, hf_key in (("embedding.word_embeddings.weight", "model.embed_tokens.weight"), ("output_layer.weight", "lm_head.weight")):
+    for key, hf_key in (
+        ("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
+        ("output_layer.weight", "lm_head.weight"),
+    ):
         assert torch.equal(last[key][-2:], original[hf_key][-1:].expand(2, -1))
         assert torch.equal(last[key][:-2], original[hf_key][69:])
 
@@ -305,15 +307,6 @@ def test_mindspeed_flags_dtype_and_hf_cfg_dir(tmp_path, capsys) -> None:
 # ---- bad input: a clear error, exit status 2 and no output (not even a temporary directory) -----------
 
 
-def assert_fails_cleanly(capsys, tmp_path: Path, argv: list, *fragments: str) -> None:
-    before = set(tmp_path.iterdir())
-    assert convert(*argv) == 2
-    err = capsys.readouterr().err
-    for fragment in fragments:
-        assert fragment in err, err
-    assert set(tmp_path.iterdir()) == before
-
-
 def test_error_wrong_directory(tmp_path, capsys) -> None:
     config = tiny_config()
     write_hf(tmp_path / "hf", config)
@@ -331,8 +324,10 @@ def test_error_missing_rank(tmp_path, capsys) -> None:
     for file in (tmp_path / "mg" / ITER / "mp_rank_01").iterdir():
         file.unlink()
     (tmp_path / "mg" / ITER / "mp_rank_01").rmdir()
-    argv = ["--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", tmp_path / "mg", "--save-dir", tmp_path / "out"]
-    assert_fails_cleanly(capsys, tmp_path, argv, str(tmp_path / "mg" / ITER / "mp_rank_01" / MODEL_FILE), "is missing", "TP=2")
+    argv = ["--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", tmp_path / "mg",
+            "--save-dir", tmp_path / "out"]
+    missing = str(tmp_path / "mg" / ITER / "mp_rank_01" / MODEL_FILE)
+    assert_fails_cleanly(capsys, tmp_path, argv, missing, "is missing", "TP=2")
 
 
 def test_error_tp_not_dividing_kv_heads(tmp_path, capsys) -> None:
@@ -355,7 +350,8 @@ def test_error_class_outside_allowlist(tmp_path, capsys) -> None:
     saved = load_pt(file)
     saved["args"].hook = NotAllowed()
     resave(file, saved)
-    argv = ["--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", tmp_path / "mg", "--save-dir", tmp_path / "out"]
+    argv = ["--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", tmp_path / "mg",
+            "--save-dir", tmp_path / "out"]
     assert_fails_cleanly(capsys, tmp_path, argv, str(file), f"{__name__}.NotAllowed", "Re-save the file without")
     with pytest.raises(McoreCheckpointError, match="NotAllowed"):
         load_pt(file)
@@ -367,7 +363,8 @@ def test_error_midway_leaves_no_partial_output(tmp_path, capsys) -> None:
     hf_to_mg(tmp_path / "hf", tmp_path / "mg", pp=2)
     last = tmp_path / "mg" / ITER / "mp_rank_00_001" / MODEL_FILE
     last.write_bytes(last.read_bytes()[:200])
-    argv = ["--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", tmp_path / "mg", "--save-dir", tmp_path / "out"]
+    argv = ["--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", tmp_path / "mg",
+            "--save-dir", tmp_path / "out"]
     assert_fails_cleanly(capsys, tmp_path, argv, str(last), "cannot be read")
 
 
@@ -375,7 +372,8 @@ def test_error_weights_do_not_match_config(tmp_path, capsys) -> None:
     config = tiny_config()
     write_hf(tmp_path / "hf", config)
     dataclasses.replace(config, intermediate_size=48).save_pretrained(tmp_path / "hf")
-    argv = ["--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", tmp_path / "hf", "--save-dir", tmp_path / "out"]
+    argv = ["--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", tmp_path / "hf",
+            "--save-dir", tmp_path / "out"]
     assert_fails_cleanly(capsys, tmp_path, argv, "model.layers.0.mlp.gate_proj.weight", "(64, 32)", "(48, 32)")
 
 
@@ -383,7 +381,8 @@ def test_error_existing_output_is_never_overwritten(tmp_path, capsys) -> None:
     write_hf(tmp_path / "hf", tiny_config())
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    argv = ["--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", tmp_path / "hf", "--save-dir", tmp_path / "out"]
+    argv = ["--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", tmp_path / "hf",
+            "--save-dir", tmp_path / "out"]
     assert_fails_cleanly(capsys, tmp_path, argv, f"--save-dir {tmp_path / 'out'} already exists and is not empty")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
 

@@ -20,6 +20,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+
+pytest.importorskip("megatron.core")
+
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
@@ -33,6 +36,7 @@ from qwen3_pretrain.checkpoint.convert import main as convert_main
 from qwen3_pretrain.checkpoint.hf import save_hf_state_dict
 from qwen3_pretrain.checkpoint.mcore import MODEL_FILE, TRACKER_FILE, load_pt
 from qwen3_pretrain.config.model import Qwen3Config
+
 from distributed_helpers import free_port
 
 SEQ = 12
@@ -156,7 +160,8 @@ def test_plain_qkv_concatenation_is_detected(megatron_cpu, tmp_path) -> None:
     reference = hf_model(config)
     stage = megatron_stage(config, config.num_hidden_layers, True, True)
     save_hf_state_dict(reference.state_dict(), tmp_path / "hf", config=config)
-    convert("--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", tmp_path / "hf", "--save-dir", tmp_path / "mg")
+    convert("--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", tmp_path / "hf",
+            "--save-dir", tmp_path / "mg")
     state = load_pt(tmp_path / "mg" / "iter_0000001" / "mp_rank_00" / MODEL_FILE)["model"]
     hf_state = reference.state_dict()
     for i in range(config.num_hidden_layers):
@@ -217,7 +222,9 @@ def save_like_megatron(stages: list[GPTModel], config: Qwen3Config, directory: P
 
 
 @pytest.mark.parametrize("tied,stage_layers", [(True, [1, 2]), (False, [3])])
-def test_megatron_saved_checkpoint_converts_to_hf_with_megatron_logits(megatron_cpu, tmp_path, tied, stage_layers) -> None:
+def test_megatron_saved_checkpoint_converts_to_hf_with_megatron_logits(
+    megatron_cpu, tmp_path, tied, stage_layers
+) -> None:
     config = tiny_config(tied)
     torch.manual_seed(3)
     stages = build_stages(config, stage_layers)
@@ -227,10 +234,12 @@ def test_megatron_saved_checkpoint_converts_to_hf_with_megatron_logits(megatron_
         with torch.no_grad():
             stages[-1].output_layer.weight.copy_(stages[0].embedding.word_embeddings.weight)
     save_like_megatron(stages, config, tmp_path / "mg", iteration=7)
-    loaded = load_pt(tmp_path / "mg" / "iter_0000007" / ("mp_rank_00" if len(stages) == 1 else "mp_rank_00_000") / MODEL_FILE)
+    rank_dir = "mp_rank_00" if len(stages) == 1 else "mp_rank_00_000"
+    loaded = load_pt(tmp_path / "mg" / "iter_0000007" / rank_dir / MODEL_FILE)
     assert loaded["args"].model_type.value == ModelType.encoder_or_decoder.value  # stand-ins, megatron not needed
     assert loaded["args"].exit_signal == signal.SIGTERM and loaded["optimizer"]["config"].lr == 1e-4
-    convert("--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", tmp_path / "mg", "--save-dir", tmp_path / "hf")
+    convert("--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", tmp_path / "mg",
+            "--save-dir", tmp_path / "hf")
 
     converted = Qwen3Config.from_pretrained(tmp_path / "hf")
     assert converted == config

@@ -12,6 +12,9 @@ import contextlib
 from pathlib import Path
 
 import pytest
+
+pytest.importorskip("megatron.core")
+
 import torch
 import torch.multiprocessing as mp
 
@@ -19,6 +22,7 @@ from qwen3_pretrain.checkpoint.convert import main as convert_main
 from qwen3_pretrain.checkpoint.hf import save_hf_state_dict
 from qwen3_pretrain.checkpoint.mcore import MODEL_FILE, TRACKER_FILE, load_pt
 from qwen3_pretrain.config.model import Qwen3Config
+
 from distributed_helpers import free_port
 
 TP = 2
@@ -176,7 +180,9 @@ def test_megatron_tp2_shards_convert_to_hf_with_megatron_logits(tp_run, name) ->
     root, _ = tp_run
     _convert("--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", root / f"theirs-{name}",
              "--save-dir", root / f"theirs-{name}-hf")
-    model = transformers.Qwen3ForCausalLM.from_pretrained(root / f"theirs-{name}-hf", attn_implementation="eager").eval()
+    model = transformers.Qwen3ForCausalLM.from_pretrained(
+        root / f"theirs-{name}-hf", attn_implementation="eager"
+    ).eval()
     config = tiny_config(name == "tied")
     with torch.no_grad():
         logits = model(token_ids(config)).logits

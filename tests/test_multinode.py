@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from qwen3_pretrain.cli import main
+
 from distributed_helpers import free_port
-from test_train_loop import tiny_flags, write_tiny_dataset
+from train_helpers import tiny_flags, write_tiny_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NODES = 2
@@ -54,7 +55,7 @@ def run_nodes(node_ranks: list[int], flags: list[str], log_dir: Path, deadline_s
     killed: set[int] = set()
     end = time.monotonic() + deadline_s
     try:
-        for rank, log in zip(node_ranks, logs):
+        for rank, log in zip(node_ranks, logs, strict=True):
             with open(log, "w") as out:
                 procs.append(subprocess.Popen(_torchrun_command(rank, port, flags), env=env, stdout=out,
                                               stderr=subprocess.STDOUT, start_new_session=True))
@@ -70,7 +71,7 @@ def run_nodes(node_ranks: list[int], flags: list[str], log_dir: Path, deadline_s
                 killed.add(p.pid)
             p.wait()
     return [NodeRun(rank, None if p.pid in killed else p.returncode, log.read_text(), p.pid)
-            for rank, p, log in zip(node_ranks, procs, logs)]
+            for rank, p, log in zip(node_ranks, procs, logs, strict=True)]
 
 
 def live_members(pgid: int) -> list[int]:

@@ -14,17 +14,17 @@ from typing import Any
 import pytest
 import torch
 
+from qwen3_pretrain.config.layout import stage_layer_counts, virtual_pipeline_stages
+from qwen3_pretrain.config.model import get_preset
+from qwen3_pretrain.distributed.clip import clip_grad_norm_
 from qwen3_pretrain.distributed.pipeline import (
     MicroBatchShape,
     PipelineStageModule,
     build_pipeline_schedule,
-    clip_grad_norm_,
     split_into_stages,
-    stage_layer_counts,
-    virtual_pipeline_stages,
 )
-from qwen3_pretrain.config.model import get_preset
 from qwen3_pretrain.model.qwen3 import Qwen3ForCausalLM
+
 from distributed_helpers import exit_after, run_as_torchrun
 
 PP = 2
@@ -200,11 +200,20 @@ def test_stage_layer_counts() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"num_layers": 28, "pp_size": 3}, r"28 layers do not split evenly into 3 pipeline stages \(--pipeline-model-parallel-size 3"),
+        (
+            {"num_layers": 28, "pp_size": 3},
+            r"28 layers do not split evenly into 3 pipeline stages \(--pipeline-model-parallel-size 3",
+        ),
         ({"num_layers": 4, "pp_size": 0}, "--pipeline-model-parallel-size must be >= 1"),
-        ({"num_layers": 4, "pp_size": 2, "num_layer_list": [1, 2]}, "--num-layer-list 1,2 must give 2 positive layer counts"),
+        (
+            {"num_layers": 4, "pp_size": 2, "num_layer_list": [1, 2]},
+            "--num-layer-list 1,2 must give 2 positive layer counts",
+        ),
         ({"num_layers": 4, "pp_size": 2, "num_layer_list": [0, 4]}, "--num-layer-list 0,4 must give 2 positive"),
-        ({"num_layers": 4, "pp_size": 1, "virtual_stages": 2}, "--num-layers-per-virtual-pipeline-stage .* needs --pipeline-model-parallel-size >= 2"),
+        (
+            {"num_layers": 4, "pp_size": 1, "virtual_stages": 2},
+            "--num-layers-per-virtual-pipeline-stage .* needs --pipeline-model-parallel-size >= 2",
+        ),
     ],
 )
 def test_invalid_pipeline_layouts_name_the_flag(kwargs: dict[str, Any], message: str) -> None:
@@ -213,7 +222,8 @@ def test_invalid_pipeline_layouts_name_the_flag(kwargs: dict[str, Any], message:
 
 
 def test_invalid_virtual_stage_size_names_the_flag() -> None:
-    with pytest.raises(ValueError, match="--num-layers-per-virtual-pipeline-stage 3 x --pipeline-model-parallel-size 2"):
+    message = "--num-layers-per-virtual-pipeline-stage 3 x --pipeline-model-parallel-size 2"
+    with pytest.raises(ValueError, match=message):
         virtual_pipeline_stages(28, 2, num_layers_per_virtual_stage=3)
 
 
@@ -253,7 +263,8 @@ def test_one_stage_keeps_the_tie() -> None:
 
 def test_invalid_schedules_are_refused_before_any_communication() -> None:
     stages = split_into_stages(_model(), 0, PP, virtual_stages=2)
-    with pytest.raises(ValueError, match="pipeline schedule 'zb' is not supported; use one of 1f1b, gpipe, interleaved_1f1b"):
+    unsupported = "pipeline schedule 'zb' is not supported; use one of 1f1b, gpipe, interleaved_1f1b"
+    with pytest.raises(ValueError, match=unsupported):
         build_pipeline_schedule(stages[:1], None, MICROBATCHES, MICRO_BATCH, schedule="zb")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="interleaved_1f1b needs virtual stages"):
         build_pipeline_schedule(stages[:1], None, MICROBATCHES, MICRO_BATCH, schedule="interleaved_1f1b")  # type: ignore[arg-type]

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from qwen3_pretrain.config.model import get_preset
 from qwen3_pretrain.distributed.planner import (
     GIB,
     RECOMPUTE_CHOICES,
@@ -20,16 +21,21 @@ from qwen3_pretrain.distributed.planner import (
     plan,
     validate_layout,
 )
-from qwen3_pretrain.config.model import get_preset
 
 
 @pytest.mark.parametrize(
     ("layout", "needle"),
     [
-        (Layout(tp=3, pp=1, dp=1, micro_batch_size=1), "--tensor-model-parallel-size 3 must divide num attention heads"),
+        (
+            Layout(tp=3, pp=1, dp=1, micro_batch_size=1),
+            "--tensor-model-parallel-size 3 does not divide the model's num_attention_heads",
+        ),
         (Layout(tp=16, pp=1, dp=1, micro_batch_size=1), "num query groups"),
-        (Layout(tp=1, pp=3, dp=1, micro_batch_size=1), "--pipeline-model-parallel-size 3 must divide num layers 28"),
-        (Layout(tp=1, pp=1, dp=3, micro_batch_size=1), "--global-batch-size 64 must be divisible"),
+        (
+            Layout(tp=1, pp=3, dp=1, micro_batch_size=1),
+            "28 layers do not split evenly into 3 pipeline stages (--pipeline-model-parallel-size 3",
+        ),
+        (Layout(tp=1, pp=1, dp=3, micro_batch_size=1), "--global-batch-size 64 is not divisible"),
         (Layout(tp=1, pp=1, dp=1, micro_batch_size=1, sequence_parallel=True), "--sequence-parallel"),
     ],
 )

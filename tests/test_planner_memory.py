@@ -42,11 +42,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from distributed_helpers import exit_after, run_as_torchrun
 from qwen3_pretrain.config import parse_train_args
 from qwen3_pretrain.distributed.planner import Layout
+from qwen3_pretrain.train.preflight import memory_estimate, prepare
 from qwen3_pretrain.train.trainer import run_training
-from test_train_loop import tiny_flags, write_tiny_dataset
+
+from distributed_helpers import exit_after, run_as_torchrun
+from train_helpers import tiny_flags, write_tiny_dataset
 
 TOLERANCE = 0.2
 SEQ = 256
@@ -163,8 +165,8 @@ def measured(tmp_path_factory: pytest.TempPathFactory, data: str) -> Callable[[i
 def test_estimate_within_20_percent_of_measured_peak(
     case: Case, data: str, measured: Callable[[int], list[dict[str, int]]]
 ) -> None:
-    config = parse_train_args(case.flags(data), world_size=case.layout.world_size)
-    estimate = dataclasses.replace(config.memory_estimate(), overhead=0)  # what `train` checks, less the fixed part
+    config = prepare(case.flags(data), world_size=case.layout.world_size)
+    estimate = dataclasses.replace(memory_estimate(config), overhead=0)  # what `train` checks, less the fixed part
     parts = ", ".join(f"{k} {v * 1024:.1f}" for k, v in estimate.as_gib().items())
     for rank, peaks in enumerate(measured(case.layout.world_size)):
         peak = peaks[case.name]

@@ -73,7 +73,8 @@ def test_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     (tmp_path / "metrics.jsonl").write_text("")
     with pytest.raises(MetricsError, match="has no lm_loss or val_loss records yet"):
         plot_metrics(tmp_path)
-    _write(tmp_path / "metrics.jsonl", [_train_record(1, 9.0)], tail="not json\n" + json.dumps(_train_record(2, 8.0)) + "\n")
+    tail = "not json\n" + json.dumps(_train_record(2, 8.0)) + "\n"
+    _write(tmp_path / "metrics.jsonl", [_train_record(1, 9.0)], tail=tail)
     with pytest.raises(MetricsError, match=r"metrics.jsonl:2 is not valid JSON"):
         plot_metrics(tmp_path)
     _write(tmp_path / "metrics.jsonl", [{"lm_loss": 1.0}])

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from qwen3_pretrain.distributed.recompute import apply_activation_checkpointing
 from qwen3_pretrain.config.model import get_preset
+from qwen3_pretrain.distributed.recompute import apply_activation_checkpointing
 from qwen3_pretrain.model.qwen3 import Qwen3ForCausalLM
 
 SDPA_FORWARD_OPS = {

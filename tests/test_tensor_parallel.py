@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,13 @@ from typing import Any
 import pytest
 import torch
 
-from qwen3_pretrain.distributed.pipeline import clip_grad_norm_
-from qwen3_pretrain.distributed.recompute import apply_activation_checkpointing
-from qwen3_pretrain.distributed.tensor_parallel import validate_tensor_parallel_size, vocab_parallel_loss
+from qwen3_pretrain.config.layout import check_tensor_parallel
 from qwen3_pretrain.config.model import Qwen3Config, get_preset
+from qwen3_pretrain.distributed.clip import clip_grad_norm_
+from qwen3_pretrain.distributed.recompute import apply_activation_checkpointing
+from qwen3_pretrain.distributed.tensor_parallel import vocab_parallel_loss
 from qwen3_pretrain.model.qwen3 import Qwen3ForCausalLM
+
 from distributed_helpers import exit_after, run_as_torchrun
 
 TP = 2
@@ -37,8 +40,12 @@ class Case:
 
 CASES = {
     "tp": Case(tied=True, sequence_parallel=False, loss_parallel=True, recompute=None),
-    "tp_sequence_parallel_selective_recompute": Case(tied=True, sequence_parallel=True, loss_parallel=True, recompute="selective"),
-    "tp_untied_gathered_logits_full_recompute": Case(tied=False, sequence_parallel=False, loss_parallel=False, recompute="full"),
+    "tp_sequence_parallel_selective_recompute": Case(
+        tied=True, sequence_parallel=True, loss_parallel=True, recompute="selective"
+    ),
+    "tp_untied_gathered_logits_full_recompute": Case(
+        tied=False, sequence_parallel=False, loss_parallel=False, recompute="full"
+    ),
 }
 
 
@@ -110,7 +117,7 @@ def _worker(out_dir: Path) -> None:
         apply_tensor_parallel(model, mesh, sequence_parallel=case.sequence_parallel, loss_parallel=case.loss_parallel)
         if case.recompute is not None:
             apply_activation_checkpointing(model, case.recompute)  # type: ignore[arg-type]
-        result = _train(model, lambda: vocab_parallel_loss(case.loss_parallel))
+        result = _train(model, functools.partial(vocab_parallel_loss, case.loss_parallel))
         result["all_params_dtensor"] = all(isinstance(p, DTensor) for p in model.parameters())
         result["head_is_embedding"] = model.lm_head.weight is model.model.embed_tokens.weight
         result["head_placements"] = str(model.lm_head.weight.placements)
@@ -179,15 +186,15 @@ def test_invalid_tensor_parallel_sizes_name_the_flag(field: str, tp_size: int, m
     }[field]
     config: Qwen3Config = dataclasses.replace(get_preset("qwen3-tiny"), **changes)
     with pytest.raises(ValueError, match=message):
-        validate_tensor_parallel_size(config, tp_size)
+        check_tensor_parallel(config, tp_size)
 
 
 def test_invalid_sequence_parallel_length_and_size() -> None:
     config = get_preset("qwen3-tiny")
     with pytest.raises(ValueError, match=r"--sequence-parallel needs --seq-length \(15\) divisible"):
-        validate_tensor_parallel_size(config, 2, sequence_parallel=True, seq_length=15)
+        check_tensor_parallel(config, 2, sequence_parallel=True, seq_length=15)
     with pytest.raises(ValueError, match="--tensor-model-parallel-size must be a positive integer"):
-        validate_tensor_parallel_size(config, 0)
+        check_tensor_parallel(config, 0)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,12 @@ import pytest
 import torch.distributed as dist
 
 from qwen3_pretrain.cli import main
-from qwen3_pretrain.config import ATTENTION_BACKENDS, ConfigError, TrainConfig, parse_train_args
+from qwen3_pretrain.config import ATTENTION_BACKENDS, ConfigError, TrainConfig
 from qwen3_pretrain.distributed import device
 from qwen3_pretrain.model import get_preset, kernels
-from test_train_loop import tiny_flags, write_tiny_dataset
+from qwen3_pretrain.train.preflight import prepare
+
+from train_helpers import tiny_flags, write_tiny_dataset
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "qwen3_1.7b_4k.yaml"
 QWEN3_1_7B_PARAMS = 1_720_574_976
@@ -52,23 +54,26 @@ def _expected_1_7b() -> object:
 
 
 def test_mindspeed_script_flags(data: str) -> None:
-    config = parse_train_args([*shlex.split(MINDSPEED_ARGS), "--data-path", data, "--device-memory", "64GB"], world_size=8)
+    config = prepare([*shlex.split(MINDSPEED_ARGS), "--data-path", data, "--device-memory", "64GB"], world_size=8)
     r = config.resolved
     assert r.model_config == _expected_1_7b() and r.model_config.num_parameters() == QWEN3_1_7B_PARAMS
     assert (r.dp_size, r.num_microbatches, r.global_batch_size, r.train_iters) == (1, 64, 64, 2000)
     assert config.parallel.sequence_parallel and config.precision.bf16
     assert config.optimizer.lr_decay_style == "cosine" and config.checkpoint.no_load_optim
     assert config.ignored[:3] == ["--use-mcore-models", "--spec", "--qk-layernorm"]
-    assert {"--use-flash-attn", "--distributed-backend", "--overlap-grad-reduce", "--hidden-dropout"} <= set(config.ignored)
+    ignored = {"--use-flash-attn", "--distributed-backend", "--overlap-grad-reduce", "--hidden-dropout"}
+    assert ignored <= set(config.ignored)
 
 
 def test_recipe_for_8_devices(data: str) -> None:
-    config = parse_train_args(["--config", str(RECIPE), "--data-path", data, "--device-memory", "32GB"], world_size=8)
+    config = prepare(["--config", str(RECIPE), "--data-path", data, "--device-memory", "32GB"], world_size=8)
     r = config.resolved
     assert r.model_config == _expected_1_7b()
     assert (r.dp_size, r.num_microbatches, r.global_batch_size, r.train_iters) == (8, 8, 64, 2000)
     opt = config.optimizer
-    assert (opt.lr, opt.min_lr, opt.lr_warmup_fraction, opt.weight_decay, opt.clip_grad) == (1.25e-6, 1.25e-7, 0.01, 0.1, 1.0)
+    assert (opt.lr, opt.min_lr, opt.lr_warmup_fraction, opt.weight_decay, opt.clip_grad) == (
+        1.25e-6, 1.25e-7, 0.01, 0.1, 1.0
+    )
     assert (opt.adam_beta1, opt.adam_beta2, config.training.seed, config.data.seq_length) == (0.9, 0.95, 42, 4096)
     assert (config.data.split, config.logging.log_interval, config.checkpoint.save_interval) == ("100,0,0", 1, 2000)
 
@@ -76,7 +81,7 @@ def test_recipe_for_8_devices(data: str) -> None:
 def test_flags_override_the_recipe(data: str, tmp_path: Path) -> None:
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("model: qwen3-tiny\nseq_length: 64\nlr: 1e-3\ntrain-iters: 5\nuse-flash-attn: true\n")
-    config = parse_train_args(["--config", str(recipe), "--data-path", data, "--lr", "2e-3", "--swiglu"], world_size=1)
+    config = prepare(["--config", str(recipe), "--data-path", data, "--lr", "2e-3", "--swiglu"], world_size=1)
     assert (config.optimizer.lr, config.data.seq_length, config.training.train_iters) == (2e-3, 64, 5)
     assert config.ignored == ["--use-flash-attn", "--swiglu"]
     again = TrainConfig.from_flat(config.to_flat())
@@ -87,7 +92,7 @@ def test_shape_from_flags_pads_the_tokenizer_vocabulary(data: str, qwen3_tokeniz
     flags = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4",
              "--seq-length", "32", "--lr", "1e-3", "--train-iters", "2", "--data-path", data,
              "--tokenizer-name-or-path", str(qwen3_tokenizer_dir)]
-    cfg = parse_train_args(flags, world_size=2).resolved.model_config
+    cfg = prepare(flags, world_size=2).resolved.model_config
     assert (cfg.vocab_size, cfg.num_key_value_heads, cfg.head_dim, cfg.max_position_embeddings) == (151680, 4, 16, 32)
     assert cfg.tie_word_embeddings and cfg.rope_theta == 1e6
 
@@ -101,13 +106,16 @@ BAD = [
     ({"lr_decay_styl": "cosine"}, 1, "unknown flag --lr-decay-styl. Did you mean --lr-decay-style?"),
     ({"micro_batch": 2}, 1, "unknown flag --micro-batch. Did you mean --micro-batch-size?"),
     ({"load": "/nonexistent/checkpoint"}, 1, "--load /nonexistent/checkpoint does not exist"),
-    ({"tensor_model_parallel_size": 8}, 8, "--tensor-model-parallel-size 8 does not divide the model's num_attention_heads"),
+    ({"tensor_model_parallel_size": 8}, 8,
+     "--tensor-model-parallel-size 8 does not divide the model's num_attention_heads"),
     ({"tensor_model_parallel_size": 2}, 3, "world size 3 is not divisible by --tensor-model-parallel-size 2"),
-    ({"tensor_model_parallel_size": 4}, 4, "--tensor-model-parallel-size 4 does not divide the model's num_key_value_heads"),
+    ({"tensor_model_parallel_size": 4}, 4,
+     "--tensor-model-parallel-size 4 does not divide the model's num_key_value_heads"),
     ({"tensor_model_parallel_size": 2, "padded_vocab_size": 511}, 2,
      "--tensor-model-parallel-size 2 does not divide the model's vocab_size (511)"),
     ({"pipeline_model_parallel_size": 3}, 3, "the model's 2 layers do not split evenly into 3 pipeline stages"),
-    ({"pipeline_model_parallel_size": 2}, 3, "world size 3 is not divisible by --tensor-model-parallel-size 1 x --pipeline"),
+    ({"pipeline_model_parallel_size": 2}, 3,
+     "world size 3 is not divisible by --tensor-model-parallel-size 1 x --pipeline"),
     ({"pipeline_model_parallel_size": 2, "num_layer_list": "1,2"}, 2, "--num-layer-list 1,2 must give 2 positive"),
     ({"pipeline_model_parallel_size": 2, "num_layer_list": "1,x"}, 2, "--num-layer-list '1,x' must be comma-separated"),
     ({"pipeline_model_parallel_size": 2, "reset_position_ids": True}, 2, "--reset-position-ids is not supported with"),
@@ -133,7 +141,7 @@ BAD = [
 @pytest.mark.parametrize("change,world,message", BAD, ids=[m.split(":")[0][:40] for _, _, m in BAD])
 def test_bad_config_names_the_flag(data: str, change: dict, world: int, message: str) -> None:
     with pytest.raises(ConfigError) as caught:
-        parse_train_args(tiny_flags(data, **change), world_size=world)
+        prepare(tiny_flags(data, **change), world_size=world)
     assert message in str(caught.value)
     assert not dist.is_initialized()
 
@@ -141,56 +149,70 @@ def test_bad_config_names_the_flag(data: str, change: dict, world: int, message:
 def test_pipeline_layout_and_memory_check_override(data: str) -> None:
     flags = tiny_flags(data, num_layers=4, pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=1,
                        device_memory="1MB", skip_memory_check=True)
-    pipeline = parse_train_args(flags, world_size=4).resolved.pipeline
+    pipeline = prepare(flags, world_size=4).resolved.pipeline
     assert (pipeline.stage_layers, pipeline.virtual_stages, pipeline.schedule) == ([1, 1, 1, 1], 2, "interleaved_1f1b")
     flags = tiny_flags(data, num_layers=4, pipeline_model_parallel_size=2, num_layer_list="3,1")
-    pipeline = parse_train_args(flags, world_size=2).resolved.pipeline
+    pipeline = prepare(flags, world_size=2).resolved.pipeline
     assert (pipeline.stage_layers, pipeline.virtual_stages, pipeline.schedule) == ([3, 1], 1, "1f1b")
-    assert parse_train_args(tiny_flags(data), world_size=1).resolved.pipeline is None
+    assert prepare(tiny_flags(data), world_size=1).resolved.pipeline is None
 
 
 def test_attention_backend_choices_are_the_kernels_and_do_not_apply_on_npu(
     data: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert ATTENTION_BACKENDS == tuple(kernels.ATTENTION_BACKENDS)
-    assert parse_train_args(tiny_flags(data, attention_backend="fused")).parallel.attention_backend == "fused"
+    assert tuple(kernels.ATTENTION_BACKENDS) == ATTENTION_BACKENDS
+    assert prepare(tiny_flags(data, attention_backend="fused")).parallel.attention_backend == "fused"
     monkeypatch.setattr(device, "device_type", lambda: "npu")  # (no NPU to size: skip the memory check)
-    assert parse_train_args(tiny_flags(data, skip_memory_check=True)).resolved.notes == []
-    notes = parse_train_args(tiny_flags(data, attention_backend="flash", skip_memory_check=True)).resolved.notes
+    assert prepare(tiny_flags(data, skip_memory_check=True)).resolved.notes == []
+    notes = prepare(tiny_flags(data, attention_backend="flash", skip_memory_check=True)).resolved.notes
     assert notes == ["--attention-backend flash (Ascend NPUs use npu_fusion_attention)"]
 
 
 def test_tokenizer_larger_than_the_model(data: str, qwen3_tokenizer_dir: Path) -> None:
-    with pytest.raises(ConfigError, match=r"has 151669 tokens but the model's vocabulary is 512; raise --padded-vocab-size"):
-        parse_train_args(tiny_flags(data, tokenizer_name_or_path=qwen3_tokenizer_dir), world_size=1)
+    with pytest.raises(
+        ConfigError, match=r"has 151669 tokens but the model's vocabulary is 512; raise --padded-vocab-size"
+    ):
+        prepare(tiny_flags(data, tokenizer_name_or_path=qwen3_tokenizer_dir), world_size=1)
 
 
 def test_load_of_an_unknown_format(data: str, tmp_path: Path) -> None:
     (tmp_path / "weights.bin").write_bytes(b"\0")
     with pytest.raises(ConfigError, match=r"--load .* is none of the known checkpoint formats"):
-        parse_train_args(tiny_flags(data, load=tmp_path), world_size=1)
+        prepare(tiny_flags(data, load=tmp_path), world_size=1)
     fresh = tmp_path / "fresh"  # Megatron's `--load DIR --save DIR` before the first save: start from scratch
-    assert parse_train_args(tiny_flags(data, load=fresh, save=fresh), world_size=1).resolved.load_format is None
+    assert prepare(tiny_flags(data, load=fresh, save=fresh), world_size=1).resolved.load_format is None
 
 
 def test_recipe_errors_name_the_file(data: str, tmp_path: Path) -> None:
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("seq-lenght: 64\n")
     with pytest.raises(ConfigError, match=r"recipe.yaml: unknown setting 'seq-lenght'. Did you mean --seq-length\?"):
-        parse_train_args(["--config", str(recipe), *tiny_flags(data)], world_size=1)
+        prepare(["--config", str(recipe), *tiny_flags(data)], world_size=1)
     recipe.write_text("tensor-model-parallel-size: two\n")
     with pytest.raises(ConfigError, match=r"recipe.yaml: --tensor-model-parallel-size: expected int, got 'two'"):
-        parse_train_args(["--config", str(recipe), *tiny_flags(data)], world_size=1)
+        prepare(["--config", str(recipe), *tiny_flags(data)], world_size=1)
 
 
-def test_cli_fails_before_launching(data: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_fails_before_launching(
+    data: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     def no_launch(*args: object, **kwargs: object) -> None:
         raise AssertionError("torchrun must not start for an invalid configuration")
 
     monkeypatch.setattr(subprocess, "Popen", no_launch)
     flags = tiny_flags(data, global_batch_size=6, micro_batch_size=2)
     assert main(["train", "--nproc-per-node", "2", *flags]) == 2
-    assert "--global-batch-size 6 is not divisible by --micro-batch-size 2 x data-parallel size 2" in capsys.readouterr().err
+    expected = "--global-batch-size 6 is not divisible by --micro-batch-size 2 x data-parallel size 2"
+    assert expected in capsys.readouterr().err
     assert not dist.is_initialized()
     assert main(["train", "--help"]) == 0
     assert "--lr-warmup-fraction" in capsys.readouterr().out
+
+
+def test_layout_rules_name_flags_of_the_schema() -> None:
+    from qwen3_pretrain.config import layout
+    from qwen3_pretrain.config.train import known_flags
+
+    names = (layout.TP_FLAG, layout.PP_FLAG, layout.NUM_LAYER_LIST_FLAG, layout.VIRTUAL_FLAG,
+             layout.SEQUENCE_PARALLEL_FLAG)
+    assert all(name in known_flags() for name in names)

@@ -15,8 +15,9 @@ import torch.multiprocessing as mp
 from qwen3_pretrain.cli import main
 from qwen3_pretrain.config import parse_train_args
 from qwen3_pretrain.train.trainer import run_training
+
 from distributed_helpers import free_port, join_gloo_group, leave_gloo_group
-from test_train_loop import GBS, tiny_flags, write_tiny_dataset
+from train_helpers import GBS, tiny_flags, write_tiny_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 WORLD = 2
@@ -32,8 +33,10 @@ CASES: dict[str, dict[str, Any]] = {
 def _worker(rank: int, port: int, data: str, out: str) -> None:
     """One rank: join the group, run every case, write rank 0's losses, leave per the gloo trap."""
     join_gloo_group(rank, WORLD, port)
-    losses = {name: run_training(parse_train_args(tiny_flags(data, train_iters=ITERS, **flags), world_size=WORLD)).losses
-              for name, flags in CASES.items()}
+    losses = {
+        name: run_training(parse_train_args(tiny_flags(data, train_iters=ITERS, **flags), world_size=WORLD)).losses
+        for name, flags in CASES.items()
+    }
     if rank == 0:
         Path(out).write_text(json.dumps(losses))
     leave_gloo_group()
@@ -48,7 +51,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[float]]:
 
 def _assert_close(ours: list[float], reference: list[float], what: str) -> None:
     assert len(ours) == ITERS, what
-    for i, (a, b) in enumerate(zip(ours, reference)):
+    for i, (a, b) in enumerate(zip(ours, reference, strict=True)):
         assert abs(a - b) <= 1e-5 * abs(b), f"{what}, iteration {i + 1}: {a} vs one process {b}"
 
 
@@ -87,15 +90,18 @@ def test_resume_across_data_parallel_sizes(setup: tuple[str, list[float]], tmp_p
         return tiny_flags(data, train_iters=total, log_interval=1, eval_iters=0, **overrides)
 
     full = run_training(parse_train_args(flags(save=tmp_path / "one", save_interval=stop)))
-    expected = dict(zip(full.iterations, full.losses))
+    expected = dict(zip(full.iterations, full.losses, strict=True))
     # one process -> two processes
     assert main(["train", "--nproc-per-node", str(WORLD),
                  *flags(load=tmp_path / "one" / "iter_0000003", save=tmp_path / "one_to_two")]) == 0
     resumed_two = _logged_losses(tmp_path / "one_to_two")
     # two processes -> one process
     assert main(["train", "--nproc-per-node", str(WORLD), *flags(save=tmp_path / "two", save_interval=stop)]) == 0
-    resumed_one = run_training(parse_train_args(flags(load=tmp_path / "two" / "iter_0000003", save=tmp_path / "two_to_one")))
+    resumed_one = run_training(
+        parse_train_args(flags(load=tmp_path / "two" / "iter_0000003", save=tmp_path / "two_to_one"))
+    )
     assert resumed_one.iterations == [4, 5]
+    resumed_one_losses = dict(zip(resumed_one.iterations, resumed_one.losses, strict=True))
     for iteration in (4, 5):
-        for what, loss in (("1 -> DP 2", resumed_two[iteration]), ("DP 2 -> 1", dict(zip(resumed_one.iterations, resumed_one.losses))[iteration])):
+        for what, loss in (("1 -> DP 2", resumed_two[iteration]), ("DP 2 -> 1", resumed_one_losses[iteration])):
             assert abs(loss - expected[iteration]) <= 1e-5 * abs(expected[iteration]), f"{what}, iteration {iteration}"

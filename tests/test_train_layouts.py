@@ -20,19 +20,23 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from qwen3_pretrain.checkpoint.hf import save_pretrained
 from qwen3_pretrain.config import parse_train_args
 from qwen3_pretrain.config.model import get_preset
 from qwen3_pretrain.model.qwen3 import Qwen3ForCausalLM
 from qwen3_pretrain.train.trainer import TrainResult, run_training
+
 from distributed_helpers import free_port, join_gloo_group, leave_gloo_group
-from test_train_loop import tiny_flags, write_tiny_dataset
+from train_helpers import tiny_flags, write_tiny_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ITERS, SAVE_AT = 5, 3
 UNTIED = {"untie_embeddings_and_output_weights": True}
 TWO_PROCESS_CASES: dict[str, dict[str, Any]] = {
     "PP 2, 1F1B": {"pipeline_model_parallel_size": 2},
-    "PP 2, GPipe, layers 1+3": {"pipeline_model_parallel_size": 2, "pipeline_schedule": "gpipe", "num_layer_list": "1,3"},
+    "PP 2, GPipe, layers 1+3": {
+        "pipeline_model_parallel_size": 2, "pipeline_schedule": "gpipe", "num_layer_list": "1,3"
+    },
     "PP 2, interleaved 1F1B": {"pipeline_model_parallel_size": 2, "num_layers_per_virtual_pipeline_stage": 1},
     "PP 2, untied": {"pipeline_model_parallel_size": 2, **UNTIED},
     "TP 2": {"tensor_model_parallel_size": 2},
@@ -68,7 +72,9 @@ def _worker(rank: int, world: int, port: int, data: str, ckpt: str, out: str) ->
             run_training(parse_train_args(_flags(data, save=save, save_interval=SAVE_AT, **flags), world_size=world))
         resumed = _flags(data, load=Path(ckpt) / "TP2" / f"iter_{SAVE_AT:07d}", **TWO_PROCESS_CASES["PP 2, 1F1B"])
         results["TP 2 -> PP 2"] = _summary(run_training(parse_train_args(resumed, world_size=world)))
-    from_hf = _flags(data, load=Path(ckpt) / "hf", pipeline_model_parallel_size=2, tensor_model_parallel_size=world // 2)
+    from_hf = _flags(
+        data, load=Path(ckpt) / "hf", pipeline_model_parallel_size=2, tensor_model_parallel_size=world // 2
+    )
     results[f"PP 2 x TP {world // 2}, from HF"] = _summary(run_training(parse_train_args(from_hf, world_size=world)))
     if rank == 0:
         Path(out).write_text(json.dumps(results))
@@ -81,10 +87,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("layouts")
     data = write_tiny_dataset(root / "tiny_text_document")
     torch.manual_seed(3)
-    Qwen3ForCausalLM(dataclasses.replace(get_preset("qwen3-tiny"), num_hidden_layers=4)).save_pretrained(root / "ckpt" / "hf")
+    hf_dir = root / "ckpt" / "hf"
+    save_pretrained(Qwen3ForCausalLM(dataclasses.replace(get_preset("qwen3-tiny"), num_hidden_layers=4)), hf_dir)
     results = {"one process": _summary(run_training(parse_train_args(_flags(data)))),
                "one process, untied": _summary(run_training(parse_train_args(_flags(data, **UNTIED)))),
-               "one process, from HF": _summary(run_training(parse_train_args(_flags(data, load=root / "ckpt" / "hf"))))}
+               "one process, from HF": _summary(run_training(parse_train_args(_flags(data, load=hf_dir))))}
     for world in (2, 4):
         out = root / f"world{world}.json"
         mp.spawn(_worker, args=(world, free_port(), data, str(root / "ckpt"), str(out)), nprocs=world, join=True)
@@ -97,11 +104,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def _assert_close(ours: list[float], reference: list[float], what: str) -> None:
     assert len(ours) == len(reference) > 0, what
-    for i, (a, b) in enumerate(zip(ours, reference)):
+    for i, (a, b) in enumerate(zip(ours, reference, strict=True)):
         assert abs(a - b) <= 1e-5 * abs(b), f"{what}, value {i + 1}: {a} vs one process {b}"
 
 
-@pytest.mark.parametrize("name", [*TWO_PROCESS_CASES, *FOUR_PROCESS_CASES, "PP 2 x TP 1, from HF", "PP 2 x TP 2, from HF"])
+@pytest.mark.parametrize(
+    "name", [*TWO_PROCESS_CASES, *FOUR_PROCESS_CASES, "PP 2 x TP 1, from HF", "PP 2 x TP 2, from HF"]
+)
 def test_layout_equals_one_process(runs: dict[str, Any], name: str) -> None:
     ours = runs[name]
     variant = next((v for v in ("untied", "from HF") if v in name), None)

@@ -14,52 +14,33 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from qwen3_pretrain.config import TrainConfig, parse_train_args
 from qwen3_pretrain.data.gpt_dataset import build_gpt_datasets
-from qwen3_pretrain.data.indexed import IndexedDatasetWriter
 from qwen3_pretrain.model import Qwen3ForCausalLM, kernels
 from qwen3_pretrain.train import trainer
+from qwen3_pretrain.train.preflight import prepare
 from qwen3_pretrain.train.trainer import TrainingError, TrainResult, run_training
 
-EOD = 0
-ITERS, MBS, GBS, SEQ = 6, 2, 8, 32
-LR, MIN_LR, WARMUP_ITERS, WD, CLIP, BETAS, EPS = 4e-3, 4e-4, 2, 0.1, 1.0, (0.9, 0.95), 1e-8
-
-
-def write_tiny_dataset(prefix: Path, documents: int = 150, seed: int = 0) -> str:
-    """Documents of learnable token patterns (arithmetic progressions mod 500) ending in EOD=0."""
-    rng = np.random.default_rng(seed)
-    with IndexedDatasetWriter(prefix, np.uint16) as writer:
-        for _ in range(documents):
-            n, start, step = int(rng.integers(5, 50)), int(rng.integers(1, 400)), int(rng.integers(1, 4))
-            writer.add_document(np.append(1 + (start + step * np.arange(n)) % 500, EOD))
-        writer.finalize()
-    return str(prefix)
-
-
-def tiny_flags(data_prefix: str, **overrides: Any) -> list[str]:
-    """Flags of a small fp32 run; overrides replace or add flags (value True = bare flag, None = drop)."""
-    values: dict[str, Any] = {
-        "model": "qwen3-tiny", "data-path": data_prefix, "split": "95,5,0", "seq-length": SEQ, "eod-token-id": EOD,
-        "eod-mask-loss": True, "micro-batch-size": MBS, "global-batch-size": GBS, "train-iters": ITERS, "lr": LR,
-        "min-lr": MIN_LR, "lr-decay-style": "cosine", "lr-warmup-iters": WARMUP_ITERS, "weight-decay": WD,
-        "clip-grad": CLIP, "adam-beta1": BETAS[0], "adam-beta2": BETAS[1], "adam-eps": EPS, "seed": 7,
-        "log-interval": 2, "eval-interval": 1000, "eval-iters": 1, "num-workers": 0,
-    }
-    values.update({k.replace("_", "-"): v for k, v in overrides.items()})
-    flags: list[str] = []
-    for key, value in values.items():
-        if value is None or value is False:
-            continue
-        flags.append(f"--{key}")
-        if value is not True:
-            flags.append(str(value))
-    return flags
+from train_helpers import (
+    BETAS,
+    CLIP,
+    EOD,
+    EPS,
+    GBS,
+    ITERS,
+    LR,
+    MBS,
+    MIN_LR,
+    SEQ,
+    WARMUP_ITERS,
+    WD,
+    tiny_flags,
+    write_tiny_dataset,
+)
 
 
 def reference_lr(applied_updates: int) -> float:
@@ -88,7 +69,10 @@ def reference_losses(config: TrainConfig, skip: frozenset[int] = frozenset(),
     matrices = [p for p in model.parameters() if p.ndim > 1]
     vectors = [p for p in model.parameters() if p.ndim == 1]
     optimizer = torch.optim.AdamW(
-        [{"params": matrices, "weight_decay": WD}, {"params": vectors, "weight_decay": 0.0}], lr=LR, betas=BETAS, eps=EPS
+        [{"params": matrices, "weight_decay": WD}, {"params": vectors, "weight_decay": 0.0}],
+        lr=LR,
+        betas=BETAS,
+        eps=EPS,
     )
     train, _, _ = build_gpt_datasets(data.data_path, data.split, SEQ, config.training.seed, (ITERS * GBS, GBS, GBS),
                                      cache_dir=data.data_cache_path, eod_token_id=EOD, eod_mask_loss=True)
@@ -114,7 +98,7 @@ def reference_losses(config: TrainConfig, skip: frozenset[int] = frozenset(),
 
 def assert_close(ours: list[float], reference: list[float], rel: float = 1e-6) -> None:
     assert len(ours) == len(reference)
-    for i, (a, b) in enumerate(zip(ours, reference)):
+    for i, (a, b) in enumerate(zip(ours, reference, strict=True)):
         assert abs(a - b) <= rel * abs(b), f"iteration {i + 1}: {a} vs reference {b}"
 
 
@@ -146,7 +130,8 @@ def test_equals_reference_loop(baseline: tuple[TrainConfig, TrainResult, str, Pa
 
 
 LINE = re.compile(
-    r"^ \[\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\] iteration (?P<iteration> {0,7}\d{1,8})/(?P<train_iters> {0,7}\d{1,8}) \|"
+    r"^ \[\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\]"
+    r" iteration (?P<iteration> {0,7}\d{1,8})/(?P<train_iters> {0,7}\d{1,8}) \|"
     r" consumed samples: (?P<consumed_samples> {0,11}\d{1,12}) \|"
     r" elapsed time per iteration \(ms\): (?P<elapsed_ms_per_iteration>\d+\.\d) \|"
     r" learning rate: (?P<lr>\d\.\d{6}E[+-]\d{2}) \|"
@@ -170,7 +155,7 @@ def test_log_line_jsonl_and_tensorboard(baseline: tuple[TrainConfig, TrainResult
     records = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if "lm_loss" in r]
     assert [r["iteration"] for r in train_records] == [2, 4, 6]
-    for match, record in zip(matches, train_records):
+    for match, record in zip(matches, train_records, strict=True):
         fields = match.groupdict()
         assert int(fields["train_iters"]) == ITERS and int(fields["global_batch_size"]) == GBS
         for key in ("iteration", "consumed_samples", "skipped_iterations", "nan_iterations"):
@@ -279,35 +264,35 @@ def test_fp16_loss_scale_backs_off_without_stopping(dataset: str, capsys: pytest
 def test_load_initial_weights_from_hf_and_mcore(dataset: str, tmp_path: Path) -> None:
     """--load of an HF directory (shape from its config.json) and of a TP-2 mcore checkpoint of the
     same weights both start training from those weights."""
-    from qwen3_pretrain.checkpoint.hf import iter_hf_tensors
+    from qwen3_pretrain.checkpoint.hf import iter_hf_tensors, save_pretrained
     from qwen3_pretrain.checkpoint.mcore import McoreLayout, write_mcore_checkpoint
     from qwen3_pretrain.model import get_preset
 
     torch.manual_seed(123)
     weights = Qwen3ForCausalLM(dataclasses.replace(get_preset("qwen3-tiny"), torch_dtype="float32"))
-    weights.save_pretrained(tmp_path / "hf")
+    save_pretrained(weights, tmp_path / "hf")
     layout = McoreLayout(tp=2, stage_layers=(weights.config.num_hidden_layers,))
     write_mcore_checkpoint(iter_hf_tensors(tmp_path / "hf"), weights.config, tmp_path / "mcore", layout)
-    config = parse_train_args(tiny_flags(dataset, model=None, load=tmp_path / "hf"))
+    config = prepare(tiny_flags(dataset, model=None, load=tmp_path / "hf"))
     assert config.resolved.load_format == "hf"
     reference = reference_losses(config, initial=weights)
     assert_close(run_training(config).losses, reference)
-    mcore = parse_train_args(tiny_flags(dataset, model=None, load=tmp_path / "mcore"))
+    mcore = prepare(tiny_flags(dataset, model=None, load=tmp_path / "mcore"))
     assert mcore.resolved.load_format == "mcore"
     assert_close(run_training(mcore).losses, reference)
 
 
 def test_attention_backend_flag_selects_the_kernels_and_trains_alike(
-    dataset: str, monkeypatch: pytest.MonkeyPatch, restore_attention_backend: None
+    dataset: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    selected: list[str] = []
-    select = kernels.select_attention_backend
-    monkeypatch.setattr(kernels, "select_attention_backend", lambda name: selected.append(name) or select(name))
+    selected: list[str] = []  # the attention backend of each attention call's KernelOptions
+    attention = kernels.attention
+    monkeypatch.setattr(kernels, "attention", lambda *args: selected.append(args[-1].attention) or attention(*args))
     auto = run_training(parse_train_args(tiny_flags(dataset)))
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         unfused = run_training(parse_train_args(tiny_flags(dataset, attention_backend="unfused")))
-    assert selected == ["auto", "unfused"] and "attention unfused" in stdout.getvalue()
+    assert list(dict.fromkeys(selected)) == ["auto", "unfused"] and "attention unfused" in stdout.getvalue()
     assert unfused.losses == pytest.approx(auto.losses, rel=1e-5)  # math instead of flash attention
 
 
@@ -315,7 +300,7 @@ def test_bf16_training_on_either_cpu_bf16_kernel_path(dataset: str, monkeypatch:
     """--bf16 trains the same with torch's CPU bf16 kernels and on float32 units, and says which it uses."""
     runs: dict[bool, TrainResult] = {}
     for via_float32 in (False, True):
-        monkeypatch.setattr(kernels, "_cpu_bf16_via_float32", via_float32)
+        monkeypatch.setattr(kernels, "cpu_has_fast_bf16_matmul", lambda fast=not via_float32: fast)
         stdout = io.StringIO()
         with contextlib.redirect_stdout(stdout):
             runs[via_float32] = run_training(parse_train_args(tiny_flags(dataset, bf16=True, log_interval=1)))
@@ -324,3 +309,21 @@ def test_bf16_training_on_either_cpu_bf16_kernel_path(dataset: str, monkeypatch:
     assert all(map(math.isfinite, via.losses)) and via.losses[-1] < via.losses[0]
     assert via.losses == pytest.approx(native.losses, rel=2e-2)
     assert via.grad_norms == pytest.approx(native.grad_norms, rel=5e-2)
+
+
+def test_keep_last_checkpoints_and_distributed_timeout_reach_the_run(
+    dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    timeouts: list[float] = []
+    init_parallel = trainer.init_parallel
+
+    def recording_init(tp: int, pp: int, timeout_minutes: float) -> Any:
+        timeouts.append(timeout_minutes)
+        return init_parallel(tp, pp, timeout_minutes=timeout_minutes)
+
+    monkeypatch.setattr(trainer, "init_parallel", recording_init)
+    flags = tiny_flags(dataset, save=tmp_path / "ck", save_interval=2, keep_last_checkpoints=2,
+                       distributed_timeout_minutes=7)
+    run_training(parse_train_args(flags))
+    assert timeouts == [7]
+    assert sorted(p.name for p in (tmp_path / "ck").glob("iter_*")) == ["iter_0000004", "iter_0000006"]

@@ -9,16 +9,19 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
+pytest.importorskip("megatron.core")
+
 from megatron.core.optimizer import grad_scaler as megatron_scaler
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler as MegatronScheduler
 
 from qwen3_pretrain.config import TrainConfig
+from qwen3_pretrain.distributed.clip import clip_grad_norm_
 from qwen3_pretrain.model import Qwen3ForCausalLM, get_preset
 from qwen3_pretrain.train.optim import (
     LossScaler,
     OptimizerParamScheduler,
     build_scheduler,
-    clip_grad_norm_,
     param_groups,
     step_unless_nonfinite,
 )
@@ -162,14 +165,14 @@ def test_clip_grad_norm_equals_torch() -> None:
     torch.manual_seed(0)
     ours = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(4))]
     ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
-    for a, b in zip(ours, ref):
+    for a, b in zip(ours, ref, strict=True):
         a.grad = torch.randn_like(a) * 3
         b.grad = a.grad.clone()
-    norm = clip_grad_norm_(ours, 1.0)
+    norm = clip_grad_norm_([torch.nn.ParameterList(ours)], 1.0)
     ref_norm = torch.nn.utils.clip_grad_norm_(ref, 1.0)
     assert torch.equal(norm, ref_norm) and norm > 1.0
-    assert all(torch.equal(a.grad, b.grad) for a, b in zip(ours, ref))
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(ours, ref, strict=True))
     unclipped = [torch.nn.Parameter(torch.ones(2))]
     unclipped[0].grad = torch.full((2,), 10.0)
-    assert clip_grad_norm_(unclipped, 0.0) == pytest.approx(200**0.5)
+    assert clip_grad_norm_([torch.nn.ParameterList(unclipped)], 0.0) == pytest.approx(200**0.5)
     assert torch.equal(unclipped[0].grad, torch.full((2,), 10.0))

@@ -8,6 +8,7 @@ indexed files -> `train` a small Qwen3 (real 151,936-token vocabulary) -> native
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -88,7 +89,9 @@ def run_demo(output_dir: Path, run: str = "full", force: bool = False) -> dict[s
     paths = DemoPaths(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
         if not force:
-            raise FileExistsError(f"{output_dir} already holds a demo run; pass --force to replace it or --output-dir NEW")
+            raise FileExistsError(
+                f"{output_dir} already holds a demo run; pass --force to replace it or --output-dir NEW"
+            )
         import shutil
 
         shutil.rmtree(output_dir)
@@ -115,7 +118,7 @@ def run_demo(output_dir: Path, run: str = "full", force: bool = False) -> dict[s
     flags = train_flags(paths, tokenizer_dir, run)
     print("qwen3-pretrain train " + " ".join(flags), flush=True)
     result = run_training(parse_train_args(flags))
-    losses = [loss for loss in result.losses if loss == loss]
+    losses = [loss for loss in result.losses if not math.isnan(loss)]
 
     _stage("5/6 export to HF safetensors + loss curve")
     export_native_to_hf(paths.checkpoints, paths.hf_model, tokenizer_dir)
@@ -133,15 +136,17 @@ def generate_sample(model_dir: Path, prompt: str, new_tokens: int = 24) -> str:
     """Greedy continuation of `prompt` by the exported HF model."""
     import torch
 
-    from qwen3_pretrain.model.qwen3 import Qwen3ForCausalLM
+    from qwen3_pretrain.checkpoint.hf import load_pretrained
     from qwen3_pretrain.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
-    model = Qwen3ForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = load_pretrained(model_dir, dtype=torch.float32)
     ids = torch.tensor([tokenizer.encode(prompt)])
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=new_tokens, eos_token_id=tokenizer.eos_token_id)
-    return prompt + tokenizer.decode(out[0, ids.shape[1]:].tolist())
+    continuation = tokenizer.decode(out[0, ids.shape[1]:].tolist())
+    assert isinstance(continuation, str)  # one sequence of ids decodes to one string
+    return prompt + continuation
 
 
 def main(argv: list[str]) -> int:

@@ -22,8 +22,14 @@ from typing import Any
 
 import torch
 
-from qwen3_pretrain.checkpoint.export import load_native_model, open_native_checkpoint, tokenizer_files, tokenizer_source
+from qwen3_pretrain.checkpoint.export import (
+    load_native_model,
+    open_native_checkpoint,
+    tokenizer_files,
+    tokenizer_source,
+)
 from qwen3_pretrain.checkpoint.hf import HFCheckpointError, iter_hf_tensors, save_hf_state_dict
+from qwen3_pretrain.checkpoint.loader import detect_format
 from qwen3_pretrain.checkpoint.mcore import (
     CONVERTED_ITERATION,
     HF_CONFIG_SUBDIR,
@@ -35,7 +41,7 @@ from qwen3_pretrain.checkpoint.mcore import (
     staged_output_dir,
     write_mcore_checkpoint,
 )
-from qwen3_pretrain.checkpoint.native import CheckpointError, detect_checkpoint_format
+from qwen3_pretrain.checkpoint.native import CheckpointError
 from qwen3_pretrain.config.model import ConfigError, Qwen3Config
 
 PARAMS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -159,7 +165,7 @@ def _open_native(args: argparse.Namespace) -> tuple[Path, dict[str, Any], Qwen3C
             f"--load-dir {args.load_dir} does not exist; pass the --save directory of a qwen3-pretrain train run "
             "or one of its iter_NNNNNNN directories"
         )
-    found = detect_checkpoint_format(args.load_dir)
+    found = detect_format(args.load_dir)
     if found in ("hf", "mcore"):
         raise CheckpointError(
             f"--load-dir {args.load_dir} is an {found} checkpoint, not a native one; "
@@ -178,7 +184,9 @@ def _native_side_files(args: argparse.Namespace, saved_config: dict[str, Any], c
     if (args.hf_cfg_dir / "config.json").is_file():
         given = Qwen3Config.from_pretrained(args.hf_cfg_dir)
         differ = [
-            f"{n} {getattr(given, n)} != {getattr(config, n)}" for n in _SHAPE_FIELDS if getattr(given, n) != getattr(config, n)
+            f"{n} {getattr(given, n)} != {getattr(config, n)}"
+            for n in _SHAPE_FIELDS
+            if getattr(given, n) != getattr(config, n)
         ]
         if differ:
             raise ConfigError(
@@ -229,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "directory: its latest iteration; or one iter_NNNNNNN directory)")
     parser.add_argument("--save-dir", type=Path, required=True, help="output directory (must not exist or be empty)")
     parser.add_argument("--target-tensor-parallel-size", type=int, default=1, help="TP size of mg output (default: 1)")
-    parser.add_argument("--target-pipeline-parallel-size", type=int, default=1, help="PP size of mg output (default: 1)")
+    parser.add_argument(
+        "--target-pipeline-parallel-size", type=int, default=1, help="PP size of mg output (default: 1)"
+    )
     parser.add_argument("--num-layer-list", default=None, help="layers per pipeline stage of mg output, e.g. 6,8,8,6")
     parser.add_argument("--params-dtype", choices=tuple(PARAMS_DTYPES), default=None,
                         help="cast weights to this dtype (default: keep the stored dtype)")

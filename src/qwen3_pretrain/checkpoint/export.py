@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from qwen3_pretrain.checkpoint.hf import save_pretrained
 from qwen3_pretrain.checkpoint.native import (
     CheckpointError,
     load_model_config,
@@ -106,7 +107,11 @@ def tokenizer_source(
     recorded = _find_key(saved_config, TOKENIZER_CONFIG_KEYS)
     if recorded and tokenizer_files(Path(recorded)):
         return Path(recorded)
-    where = f"the recorded tokenizer {recorded!r} is not a local tokenizer directory" if recorded else "no tokenizer is recorded"
+    where = (
+        f"the recorded tokenizer {recorded!r} is not a local tokenizer directory"
+        if recorded
+        else "no tokenizer is recorded"
+    )
     print(f"warning: {where}; the export has no tokenizer files (pass {flag})", file=sys.stderr)
     return None
 
@@ -140,7 +145,9 @@ def export_native_to_hf(
     """
     save_dir = Path(save_dir)
     if save_dir.exists() and not overwrite and (not save_dir.is_dir() or any(save_dir.iterdir())):
-        raise CheckpointError(f"--save-dir {save_dir} exists and is not empty; choose a new directory or pass --overwrite")
+        raise CheckpointError(
+            f"--save-dir {save_dir} exists and is not empty; choose a new directory or pass --overwrite"
+        )
     checkpoint, saved_config, config = open_native_checkpoint(load_dir, iteration)
     tokenizer = tokenizer_source(tokenizer_dir, saved_config)
     print(f"reading {checkpoint}", flush=True)
@@ -151,7 +158,7 @@ def export_native_to_hf(
     shutil.rmtree(staging, ignore_errors=True)
     try:
         print(f"writing {str(dtype).removeprefix('torch.')} safetensors to {save_dir}", flush=True)
-        model.save_pretrained(staging, dtype=dtype)
+        save_pretrained(model, staging, dtype=dtype)
         copied = tokenizer_files(tokenizer)
         for file in copied:
             shutil.copy2(file, staging / file.name)
@@ -168,10 +175,16 @@ def export_native_to_hf(
 def main(argv: list[str]) -> int:
     """CLI: `qwen3-pretrain export --load CKPT --save-dir HF_DIR [--tokenizer-dir DIR] ...`."""
     parser = argparse.ArgumentParser(prog="qwen3-pretrain export", description=__doc__.splitlines()[0])
-    parser.add_argument("--load", required=True, help="native checkpoint: a --save directory or one iter_NNNNNNN directory")
+    parser.add_argument(
+        "--load", required=True, help="native checkpoint: a --save directory or one iter_NNNNNNN directory"
+    )
     parser.add_argument("--save-dir", required=True, help="HF directory to write (must be new or empty)")
-    parser.add_argument("--tokenizer-dir", help="copy tokenizer files from here (default: the run's --tokenizer-name-or-path)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: the model config's torch_dtype)")
+    parser.add_argument(
+        "--tokenizer-dir", help="copy tokenizer files from here (default: the run's --tokenizer-name-or-path)"
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="weight dtype (default: the model config's torch_dtype)"
+    )
     parser.add_argument("--iteration", type=int, help="export this iteration instead of the latest one")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --save-dir")
     args = parser.parse_args(argv)

@@ -8,10 +8,15 @@ are dropped from the page cache), so reading holds only the tensor being yielded
 Writing holds at most one shard in memory, builds every file under a temporary directory inside the
 target and moves the files in place with the file that makes the checkpoint look complete
 (`model.safetensors` or the index) moved last.
+
+`load_pretrained` and `save_pretrained` do both for a whole `Qwen3ForCausalLM` and its config.json.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
 import itertools
 import json
 import math
@@ -21,13 +26,14 @@ import struct
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import save_file
 
-if TYPE_CHECKING:
-    from qwen3_pretrain.config.model import Qwen3Config
+from qwen3_pretrain.config.model import Qwen3Config
+from qwen3_pretrain.model.kernels import DEFAULT_KERNELS, KernelOptions
+from qwen3_pretrain.model.qwen3 import EMBED_KEY, LM_HEAD_KEY, Qwen3ForCausalLM, copy_named_tensors
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -75,7 +81,7 @@ def _shard_plan(directory: Path) -> list[tuple[Path, list[str] | None]]:
     by_file: dict[str, list[str]] = {}
     for key, file_name in weight_map.items():
         by_file.setdefault(file_name, []).append(key)
-    plan = []
+    plan: list[tuple[Path, list[str] | None]] = []
     for file_name in sorted(by_file):
         path = directory / file_name
         if not path.is_file():
@@ -138,7 +144,9 @@ def _tensor_location(path: Path, name: str, entry: Any, data_start: int, file_si
     nbytes = math.prod(shape) * dtype.itemsize
     if end - begin != nbytes:
         raise _corrupt(
-            path, f"tensor {name!r} ({dtype_name} {list(shape)}) needs {nbytes} bytes, its data_offsets span {end - begin}"
+            path,
+            f"tensor {name!r} ({dtype_name} {list(shape)}) needs {nbytes} bytes, "
+            f"its data_offsets span {end - begin}",
         )
     if data_start + end > file_size:
         raise _corrupt(path, f"tensor {name!r} ends at byte {data_start + end} of a {file_size}-byte file (truncated)")
@@ -161,10 +169,10 @@ def hf_tensor_locations(directory: str | os.PathLike[str]) -> dict[str, TensorLo
     return locations
 
 
-def read_tensor(handle: BinaryIO, location: TensorLocation) -> torch.Tensor:
+def read_tensor(handle: io.RawIOBase, location: TensorLocation) -> torch.Tensor:
     """The tensor at `location` of the open file `handle`, read into fresh memory; its pages leave the page cache."""
     data = torch.empty(location.nbytes, dtype=torch.uint8)
-    buffer = memoryview(data.numpy())
+    buffer = memoryview(data.numpy())  # type: ignore[arg-type]  # numpy arrays are buffers; numpy's stubs lack it
     handle.seek(location.offset)
     done = 0
     while done < location.nbytes:
@@ -191,11 +199,11 @@ def iter_hf_tensors(
     rank = {name: i for i, name in enumerate(order)}
     names = sorted(locations, key=lambda n: (rank.get(n, len(rank)), str(locations[n].path), locations[n].offset))
     for path, group in itertools.groupby(names, key=lambda n: locations[n].path):
-        try:
-            handle = open(path, "rb", buffering=0)
-        except OSError as exc:
-            raise HFCheckpointError(f"cannot read {path} ({exc})") from exc
-        with handle:
+        with contextlib.ExitStack() as stack:
+            try:
+                handle = stack.enter_context(open(path, "rb", buffering=0))
+            except OSError as exc:
+                raise HFCheckpointError(f"cannot read {path} ({exc})") from exc
             for name in group:
                 tensor = read_tensor(handle, locations[name])
                 yield name, tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
@@ -281,9 +289,62 @@ def save_hf_state_dict(
             old.unlink(missing_ok=True)  # the directory now looks incomplete until the last rename
         if config is not None:
             config.save_pretrained(directory)
-        for part, name in zip(parts, names):
+        for part, name in zip(parts, names, strict=True):
             os.replace(part, directory / name)
         if count > 1:
             os.replace(staging / INDEX_FILE, directory / INDEX_FILE)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+# ---- a whole Qwen3ForCausalLM ---------------------------------------------------------------------
+
+
+def load_pretrained(
+    directory: str | os.PathLike[str],
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    kernels: KernelOptions = DEFAULT_KERNELS,
+) -> Qwen3ForCausalLM:
+    """Load an HF Qwen3 directory (config.json + single or sharded safetensors) as a model running `kernels`.
+
+    dtype None means the config's `torch_dtype`. Builds on meta and copies one tensor at a time.
+    Keys must match exactly (HFCheckpointError lists missing/unexpected ones), except that a tied
+    model accepts an `lm_head.weight` equal to the embedding (some exporters write the copy);
+    one that differs is refused, since the config's `tie_word_embeddings` would then be wrong.
+    """
+    directory = Path(directory)
+    config = Qwen3Config.from_pretrained(directory)
+    dtype = getattr(torch, config.torch_dtype) if dtype is None else dtype
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(config, kernels)
+    model.to(dtype).to_empty(device=device)
+    model.tie_weights()
+    model.model.rotary_emb.reset_parameters()
+    targets = model.hf_state_dict()
+    source = f"{directory} (a Qwen3 model built from its config.json)"
+    tied_head = copy_named_tensors(targets, iter_hf_tensors(directory, dtype), source, HFCheckpointError)
+    if tied_head is not None and not torch.equal(tied_head.to(targets[EMBED_KEY]), targets[EMBED_KEY]):
+        raise HFCheckpointError(
+            f"{directory}: config.json ties word embeddings but {LM_HEAD_KEY} differs from {EMBED_KEY}; "
+            "set tie_word_embeddings to false in config.json if the head is meant to be separate"
+        )
+    return model
+
+
+def save_pretrained(
+    model: Qwen3ForCausalLM,
+    directory: str | os.PathLike[str],
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Write config.json + safetensors (sharded above `max_shard_bytes`) of `model` that HF transformers loads.
+
+    dtype None keeps the parameters' dtype; config.json records the dtype written. A tied model
+    writes no `lm_head.weight`.
+    """
+    state = model.hf_state_dict()
+    dtype = next(iter(state.values())).dtype if dtype is None else dtype
+    config = dataclasses.replace(model.config, torch_dtype=str(dtype).removeprefix("torch."))
+    items = ((name, tensor.to(dtype) if tensor.is_floating_point() else tensor) for name, tensor in state.items())
+    save_hf_state_dict(items, directory, max_shard_bytes=max_shard_bytes, config=config)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib
 import io
 import os
 import pathlib
@@ -95,7 +96,11 @@ def _megatron_stand_in(qualified_name: str) -> type[MegatronValue]:
     return type(name, (MegatronValue,), {"qualified_name": qualified_name})
 
 
-_NUMPY_RECONSTRUCT = np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
+# numpy 2 moved numpy.core to numpy._core (the old name warns); imported by name, as numpy 1 has only numpy.core.
+_NUMPY_MULTIARRAY = importlib.import_module(
+    "numpy._core.multiarray" if hasattr(np, "_core") else "numpy.core.multiarray"
+)
+_NUMPY_RECONSTRUCT = _NUMPY_MULTIARRAY._reconstruct
 
 # The classes Megatron/MindSpeed put in model_optim_rng.pt besides tensors: args (Namespace), numpy
 # RNG state, paths, signals, Megatron enums/configs. torch dtypes, OrderedDict etc. are allowed by torch.
@@ -143,7 +148,9 @@ def load_pt(path: str | os.PathLike[str]) -> dict[str, Any]:
                 "without that object (e.g. keep only 'model', 'args', 'iteration', 'checkpoint_version')"
             ) from exc
         except (OSError, EOFError, RuntimeError) as exc:
-            raise McoreCheckpointError(f"{path} cannot be read as a torch checkpoint ({exc}); re-copy the file") from exc
+            raise McoreCheckpointError(
+                f"{path} cannot be read as a torch checkpoint ({exc}); re-copy the file"
+            ) from exc
     if not isinstance(obj, dict):
         raise McoreCheckpointError(f"{path} holds a {type(obj).__name__}, not a Megatron checkpoint dict")
     return obj
@@ -259,7 +266,11 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("input_layernorm.weight", (("input_layernorm.weight", _hidden),)),
     ParamSpec(
         "self_attention.linear_qkv.weight",
-        (("self_attn.q_proj.weight", _q_rows), ("self_attn.k_proj.weight", _kv_rows), ("self_attn.v_proj.weight", _kv_rows)),
+        (
+            ("self_attn.q_proj.weight", _q_rows),
+            ("self_attn.k_proj.weight", _kv_rows),
+            ("self_attn.v_proj.weight", _kv_rows),
+        ),
         QKV,
         tp_dim=0,
     ),
@@ -267,7 +278,12 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("self_attention.k_layernorm.weight", (("self_attn.k_norm.weight", _head_dim),)),
     ParamSpec("self_attention.linear_proj.weight", (("self_attn.o_proj.weight", _o_cols),), tp_dim=1),
     ParamSpec("pre_mlp_layernorm.weight", (("post_attention_layernorm.weight", _hidden),)),
-    ParamSpec("mlp.linear_fc1.weight", (("mlp.gate_proj.weight", _ffn_rows), ("mlp.up_proj.weight", _ffn_rows)), GATE_UP, tp_dim=0),
+    ParamSpec(
+        "mlp.linear_fc1.weight",
+        (("mlp.gate_proj.weight", _ffn_rows), ("mlp.up_proj.weight", _ffn_rows)),
+        GATE_UP,
+        tp_dim=0,
+    ),
     ParamSpec("mlp.linear_fc2.weight", (("mlp.down_proj.weight", _ffn_cols),), tp_dim=1),
     ParamSpec("decoder.final_layernorm.weight", (("model.norm.weight", _hidden),), stage="last"),
     ParamSpec("output_layer.weight", (("lm_head.weight", _vocab_rows),), tp_dim=0, stage="last", pads_vocab=True),
@@ -291,7 +307,7 @@ def split_param(spec: ParamSpec, parts: Sequence[torch.Tensor], config: Qwen3Con
         parts = [torch.cat([full, full[-1:].expand(extra, -1)]) if extra else full]  # Megatron pads with the last row
     if spec.tp_dim is None:
         return [_owning(spec.packing.pack(parts, config))] * tp
-    per_rank = zip(*(part.chunk(tp, dim=spec.tp_dim) for part in parts))
+    per_rank = zip(*(part.chunk(tp, dim=spec.tp_dim) for part in parts), strict=True)
     return [_owning(spec.packing.pack(chunks, config)) for chunks in per_rank]
 
 
@@ -307,7 +323,7 @@ def merge_param(spec: ParamSpec, shards: Sequence[torch.Tensor], config: Qwen3Co
     if spec.tp_dim is None:
         return spec.packing.unpack(shards[0], config)
     per_rank = [spec.packing.unpack(shard, config) for shard in shards]
-    parts = [torch.cat(list(chunks), dim=spec.tp_dim) for chunks in zip(*per_rank)]
+    parts = [torch.cat(list(chunks), dim=spec.tp_dim) for chunks in zip(*per_rank, strict=True)]
     return [part[: config.vocab_size] for part in parts] if spec.pads_vocab else parts
 
 
@@ -336,10 +352,14 @@ class McoreLayout:
         return range(start, start + self.stage_layers[stage])
 
     @classmethod
-    def build(cls, config: Qwen3Config, tp: int, pp: int, num_layer_list: str | Sequence[int] | None = None) -> McoreLayout:
+    def build(
+        cls, config: Qwen3Config, tp: int, pp: int, num_layer_list: str | Sequence[int] | None = None
+    ) -> McoreLayout:
         """Validate a target split (flag names in the errors) and return it."""
         if tp < 1 or pp < 1:
-            raise ConfigError(f"--target-tensor-parallel-size ({tp}) and --target-pipeline-parallel-size ({pp}) must be >= 1")
+            raise ConfigError(
+                f"--target-tensor-parallel-size ({tp}) and --target-pipeline-parallel-size ({pp}) must be >= 1"
+            )
         for what, value in (
             ("num_key_value_heads", config.num_key_value_heads),
             ("num_attention_heads", config.num_attention_heads),
@@ -359,9 +379,12 @@ class McoreLayout:
                 )
             return cls(tp, (layers // pp,) * pp)
         try:
-            counts = tuple(int(n) for n in (num_layer_list.split(",") if isinstance(num_layer_list, str) else num_layer_list))
+            given = num_layer_list.split(",") if isinstance(num_layer_list, str) else num_layer_list
+            counts = tuple(int(n) for n in given)
         except ValueError:
-            raise ConfigError(f"--num-layer-list {num_layer_list!r} must be comma-separated integers, e.g. 7,7,7,7") from None
+            raise ConfigError(
+                f"--num-layer-list {num_layer_list!r} must be comma-separated integers, e.g. 7,7,7,7"
+            ) from None
         if len(counts) != pp or sum(counts) != layers or min(counts) < 1:
             raise ConfigError(
                 f"--num-layer-list {num_layer_list!r} must give {pp} positive layer counts (one per pipeline stage, "
@@ -425,17 +448,17 @@ def config_from_args(args: argparse.Namespace, dtype: torch.dtype, source: Path)
     heads = need("num_attention_heads")
     hidden = need("hidden_size")
     groups = getattr(args, "num_query_groups", None) if getattr(args, "group_query_attention", False) else None
-    values: dict[str, Any] = dict(
-        vocab_size=getattr(args, "vocab_size", None) or need("padded_vocab_size"),
-        hidden_size=hidden,
-        intermediate_size=need("ffn_hidden_size"),
-        num_hidden_layers=need("num_layers"),
-        num_attention_heads=heads,
-        num_key_value_heads=groups or heads,
-        head_dim=getattr(args, "kv_channels", None) or hidden // heads,
-        tie_word_embeddings=not getattr(args, "untie_embeddings_and_output_weights", False),
-        torch_dtype=str(dtype).removeprefix("torch."),
-    )
+    values: dict[str, Any] = {
+        "vocab_size": getattr(args, "vocab_size", None) or need("padded_vocab_size"),
+        "hidden_size": hidden,
+        "intermediate_size": need("ffn_hidden_size"),
+        "num_hidden_layers": need("num_layers"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": groups or heads,
+        "head_dim": getattr(args, "kv_channels", None) or hidden // heads,
+        "tie_word_embeddings": not getattr(args, "untie_embeddings_and_output_weights", False),
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
     optional = {
         "max_position_embeddings": getattr(args, "max_position_embeddings", None),
         "rope_theta": getattr(args, "rotary_base", None),
@@ -455,7 +478,9 @@ def config_from_args(args: argparse.Namespace, dtype: torch.dtype, source: Path)
 def check_output_dir(target: Path, flag: str = "--save-dir") -> None:
     """Refuse a target that exists and is not an empty directory (nothing is ever overwritten)."""
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise McoreCheckpointError(f"{flag} {target} already exists and is not empty; choose a new directory or remove it")
+        raise McoreCheckpointError(
+            f"{flag} {target} already exists and is not empty; choose a new directory or remove it"
+        )
 
 
 @contextlib.contextmanager
@@ -565,10 +590,13 @@ def write_mcore_checkpoint(
             pending[name] = tensor
             for entry in consumers[name]:
                 if all(n in pending for n in entry.hf_names):
-                    shards[entry.stage][entry.key] = split_param(entry.spec, [pending[n] for n in entry.hf_names], config, layout.tp)
+                    shards[entry.stage][entry.key] = split_param(
+                        entry.spec, [pending[n] for n in entry.hf_names], config, layout.tp
+                    )
                     remaining[entry.stage] -= 1
                     if not remaining[entry.stage]:
-                        _write_stage(iter_dir, stages[entry.stage], shards[entry.stage], config, layout, dtype, iteration)
+                        stage = entry.stage
+                        _write_stage(iter_dir, stages[stage], shards[stage], config, layout, dtype, iteration)
             pending = {n: t for n, t in pending.items() if any(e.key not in shards[e.stage] for e in consumers[n])}
             if progress:
                 progress("tensors", len(received), len(shapes))
@@ -747,13 +775,17 @@ def is_mcore_checkpoint(path: str | os.PathLike[str]) -> bool:
     return any(_RANK_DIR.match(p.parent.name) for p in iter_dir.glob(f"mp_rank_*/{MODEL_FILE}"))
 
 
-def _chunk_state(checkpoint: McoreCheckpoint, tp_rank: int, pp_rank: int, model_key: str) -> tuple[Path, dict[str, Any]]:
+def _chunk_state(
+    checkpoint: McoreCheckpoint, tp_rank: int, pp_rank: int, model_key: str
+) -> tuple[Path, dict[str, Any]]:
     """One rank's model chunk, copied out of the file's memory map so the mapping (and the optimizer
     state of training checkpoints, never touched) is released before the next file is read."""
     path = checkpoint.file(tp_rank, pp_rank)
     state = load_pt(path).get(model_key)
     if not isinstance(state, dict):
-        raise McoreCheckpointError(f"{path} has no {model_key!r} state dict; every rank must hold the same model chunks")
+        raise McoreCheckpointError(
+            f"{path} has no {model_key!r} state dict; every rank must hold the same model chunks"
+        )
     return path, {
         k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items() if not k.endswith("_extra_state")
     }
@@ -779,7 +811,9 @@ def _validate_keys(path: Path, state: dict[str, Any], expected: list[str]) -> No
         raise McoreCheckpointError(f"{path}: missing tensors {missing[:4]}; the checkpoint is incomplete or not Qwen3")
 
 
-def _iter_merged(checkpoint: McoreCheckpoint, config: Qwen3Config, progress: ProgressFn | None) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_merged(
+    checkpoint: McoreCheckpoint, config: Qwen3Config, progress: ProgressFn | None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream full HF tensors, one model chunk (all its TP files) at a time; shards are freed once merged."""
     chunks = [(v, p, key) for v, key in enumerate(checkpoint.model_keys) for p in range(checkpoint.pp)]
     hf_shapes = hf_tensor_shapes(config)
@@ -791,7 +825,11 @@ def _iter_merged(checkpoint: McoreCheckpoint, config: Qwen3Config, progress: Pro
         plan: list[tuple[str, ParamSpec, str | None]] = []  # (mcore key, spec, HF layer prefix)
         if index == 0:
             plan.append((EMBEDDING.mcore, EMBEDDING, None))
-        plan += [(f"decoder.layers.{i}.{s.mcore}", s, f"model.layers.{offset + i}.") for i in range(layers) for s in LAYER_PARAMS]
+        plan += [
+            (f"decoder.layers.{i}.{s.mcore}", s, f"model.layers.{offset + i}.")
+            for i in range(layers)
+            for s in LAYER_PARAMS
+        ]
         if index == len(chunks) - 1:
             plan.append((FINAL_NORM.mcore, FINAL_NORM, None))
             if not config.tie_word_embeddings:
@@ -802,11 +840,12 @@ def _iter_merged(checkpoint: McoreCheckpoint, config: Qwen3Config, progress: Pro
             _validate_keys(rank_path, {k: v for k, v in rank_state.items() if k not in optional}, expected)
         for key, spec, prefix in plan:
             names = [(prefix or "") + name for name, _ in spec.hf]
-            for name, tensor in zip(names, merge_param(spec, [s.pop(key) for _, s in loaded], config)):
+            for name, tensor in zip(names, merge_param(spec, [s.pop(key) for _, s in loaded], config), strict=True):
                 if tuple(tensor.shape) != hf_shapes.get(name):
                     raise McoreCheckpointError(
                         f"{path}: {key} merges to {name} of shape {tuple(tensor.shape)}, but the config implies "
-                        f"{hf_shapes.get(name, 'no such tensor')}; the config (args or --hf-cfg-dir) does not match the weights"
+                        f"{hf_shapes.get(name, 'no such tensor')}; the config (args or --hf-cfg-dir) does not match "
+                        f"the weights"
                     )
                 yield name, tensor
                 done += 1

@@ -32,16 +32,16 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 import yaml
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -61,9 +61,16 @@ FORMAT_VERSION = 1
 MODEL_KEY = "model"
 OPTIMIZER_KEY = "optimizer"
 
-_ITER_DIR = re.compile(r"^iter_(\d{7,})$")
+ITER_DIR_PATTERN = re.compile(r"^iter_(\d{7,})$")
 
-CheckpointFormat = Literal["native", "hf", "mcore"]
+
+
+class Stateful(Protocol):
+    """What a checkpoint saves and restores besides tensors (the LR schedule): a plain state dict."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class CheckpointError(ValueError):
@@ -129,7 +136,7 @@ def _on_rank0(action: Callable[[], None]) -> None:
     if _rank() == 0:
         try:
             action()
-        except Exception as exc:  # noqa: BLE001  (re-raised below on every rank)
+        except Exception as exc:
             if not _distributed():
                 raise
             error = f"{type(exc).__name__}: {exc}"
@@ -291,7 +298,7 @@ def _prune(save_dir: Path, iteration: int, keep_last: int) -> None:
     older = sorted(
         int(match.group(1))
         for path in save_dir.iterdir()
-        if (match := _ITER_DIR.match(path.name)) and int(match.group(1)) < iteration
+        if (match := ITER_DIR_PATTERN.match(path.name)) and int(match.group(1)) < iteration
     )
     for old in older[: max(0, len(older) - (keep_last - 1))]:
         shutil.rmtree(save_dir / iteration_dir_name(old), ignore_errors=True)
@@ -302,7 +309,7 @@ def save_checkpoint(
     iteration: int,
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
-    lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    lr_scheduler: Stateful | None,
     train_state: dict[str, Any],
     config: Mapping[str, Any],
     keep_last: int | None = None,
@@ -326,7 +333,7 @@ def save_checkpoint(
     _print_rank0(f"saving checkpoint at iteration {iteration:7d} to {save_dir}")
 
     optimizer_status = "absent" if optimizer is None else ("saved" if optimizer.state else "empty")
-    if optimizer_status == "saved":
+    if optimizer is not None and optimizer_status == "saved":
         model_state, optimizer_state = get_state_dict(model, optimizer)
         state = {MODEL_KEY: model_state, OPTIMIZER_KEY: optimizer_state}
     else:
@@ -394,7 +401,7 @@ def resolve_checkpoint_dir(load_dir: str | os.PathLike[str], iteration: int | No
         if is_native_checkpoint_dir(candidate):
             return candidate
     state = "is incomplete" if final.is_dir() else "does not exist"
-    present = sorted(p.name for p in load_dir.iterdir() if _ITER_DIR.match(p.name))
+    present = sorted(p.name for p in load_dir.iterdir() if ITER_DIR_PATTERN.match(p.name))
     raise CheckpointError(
         f"{source} {final} {state} (native checkpoints there: {present or 'none'}); "
         "pick an existing iteration or fix the latest file"
@@ -442,7 +449,7 @@ def load_checkpoint(
     load_dir: str | os.PathLike[str],
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
-    lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    lr_scheduler: Stateful | None = None,
     load_rng: bool = True,
     iteration: int | None = None,
 ) -> dict[str, Any]:
@@ -505,7 +512,9 @@ def load_model_tensors(load_dir: str | os.PathLike[str], iteration: int | None =
     try:
         metadata = dcp.FileSystemReader(checkpoint).read_metadata()
     except Exception as exc:
-        raise CheckpointError(f"{checkpoint / DCP_METADATA_FILE} is unreadable ({exc}); load another iteration") from exc
+        raise CheckpointError(
+            f"{checkpoint / DCP_METADATA_FILE} is unreadable ({exc}); load another iteration"
+        ) from exc
     prefix = f"{MODEL_KEY}."
     tensors = {
         fqn[len(prefix) :]: torch.empty(entry.size, dtype=entry.properties.dtype)
@@ -528,32 +537,3 @@ def load_model_config(load_dir: str | os.PathLike[str], iteration: int | None = 
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} does not hold a configuration mapping; load an earlier iteration")
     return config
-
-
-# ---- format detection ------------------------------------------------------------------------
-
-
-def _is_mcore_iteration_dir(path: Path) -> bool:
-    return any(path.glob("mp_rank_*/model_optim_rng.pt"))
-
-
-def _is_hf_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
-
-
-def detect_checkpoint_format(path: str | os.PathLike[str]) -> CheckpointFormat | None:
-    """'native' (our DCP iteration directories), 'hf' (config.json + safetensors), 'mcore'
-    (Megatron `iter_N/mp_rank_*/model_optim_rng.pt`), for a save directory or one iteration
-    directory; None when `path` is none of these (or does not exist)."""
-    path = Path(path)
-    if not path.is_dir():
-        return None
-    if _is_hf_dir(path):
-        return "hf"
-    candidates = [path, *sorted(p for p in path.iterdir() if _ITER_DIR.match(p.name) or p.name == "release")]
-    for candidate in candidates:
-        if is_native_checkpoint_dir(candidate):
-            return "native"
-        if _is_mcore_iteration_dir(candidate):
-            return "mcore"
-    return None

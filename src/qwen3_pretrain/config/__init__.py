@@ -6,6 +6,8 @@ qwen3_pretrain.config` stays light, so `qwen3-pretrain train --help` starts fast
 read it. Checks that need files, devices or the tokenizer run in `qwen3_pretrain.train.preflight`.
 """
 
+from qwen3_pretrain.config.flags import build_parser, load_recipe, parse_train_args
+from qwen3_pretrain.config.layout import PipelineLayout
 from qwen3_pretrain.config.model import PRESETS, ConfigError, Qwen3Config, get_preset
 from qwen3_pretrain.config.train import (
     ATTENTION_BACKENDS,
@@ -20,15 +22,13 @@ from qwen3_pretrain.config.train import (
     ScheduleSteps,
     TrainConfig,
     TrainingArgs,
-    build_parser,
     flag_name,
-    load_recipe,
-    parse_train_args,
     schedule_steps,
 )
 
 __all__ = [
     "ATTENTION_BACKENDS", "PRESETS", "CheckpointArgs", "ConfigError", "DataArgs", "LoggingArgs", "ModelArgs",
-    "OptimizerArgs", "ParallelArgs", "PrecisionArgs", "Qwen3Config", "Resolved", "ScheduleSteps", "TrainConfig",
-    "TrainingArgs", "build_parser", "flag_name", "get_preset", "load_recipe", "parse_train_args", "schedule_steps",
+    "OptimizerArgs", "ParallelArgs", "PipelineLayout", "PrecisionArgs", "Qwen3Config", "Resolved", "ScheduleSteps",
+    "TrainConfig", "TrainingArgs", "build_parser", "flag_name", "get_preset", "load_recipe", "parse_train_args",
+    "schedule_steps",
 ]

@@ -90,7 +90,7 @@ class Qwen3Config:
     # ---- HF config.json ----------------------------------------------------------------------
 
     @classmethod
-    def from_hf_dict(cls, data: dict[str, Any]) -> "Qwen3Config":
+    def from_hf_dict(cls, data: dict[str, Any]) -> Qwen3Config:
         """Build from an HF config dict, old (`rope_theta`, `torch_dtype`) or new (`rope_parameters`, `dtype`)."""
         model_type = data.get("model_type", "qwen3")
         if model_type != "qwen3":
@@ -113,7 +113,7 @@ class Qwen3Config:
         return cls(**values)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike[str]) -> "Qwen3Config":
+    def from_pretrained(cls, directory: str | os.PathLike[str]) -> Qwen3Config:
         """Read `<directory>/config.json`."""
         path = Path(directory) / "config.json"
         if not path.is_file():

@@ -1,50 +1,48 @@
-"""One training configuration: a YAML recipe and Megatron/MindSpeed flags -> a validated `TrainConfig`.
+"""The training run's settings as data: the schema (`TrainConfig`, one dataclass section per flag group),
+the table of Megatron/MindSpeed flags that do not apply here, and the pure checks of a run.
 
 Every setting is a dataclass field whose flag is its name with dashes (`seq_length` <-> `--seq-length`),
-grouped in sections (model, data, training, optimizer, precision, parallel, checkpoint, logging).
-Values come from, in increasing priority: the field defaults (Megatron's, except the model shape
-defaults, which are Qwen3's), the `--config` YAML file (a flat mapping of flag names, dashes or
-underscores), then the command-line flags. Megatron flags that do not apply to this implementation
-are accepted and listed in `TrainConfig.ignored`; unknown flags are errors that suggest the nearest
-known flag. `TrainConfig.validate(world_size)` checks everything that can be checked before any
-process group starts and raises `ConfigError` naming the flag to change.
+grouped in sections (model, data, training, optimizer, precision, parallel, checkpoint, logging); the
+field defaults are Megatron's, except the model shape defaults, which are Qwen3's. Megatron flags that
+do not apply to this implementation are accepted and listed in `TrainConfig.ignored`.
+`TrainConfig.check(world_size)` runs every check that needs neither files nor devices and raises
+`ConfigError` naming the flag to change; `TrainConfig.resolve(...)` then derives the run's `Resolved`
+values from what `qwen3_pretrain.train.preflight` read from disk (checkpoint, tokenizer).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import math
-import os
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Union
 
-import yaml
-
-from qwen3_pretrain.config.model import ConfigError, Qwen3Config, get_preset
-
-if TYPE_CHECKING:
-    from qwen3_pretrain.distributed.planner import MemoryEstimate
+from qwen3_pretrain.config.layout import (
+    PIPELINE_SCHEDULES,
+    PipelineLayout,
+    check_batch_split,
+    check_tensor_parallel,
+    flag_name,
+    parse_layer_list,
+    pipeline_layout,
+    sequence_parallel_ignored,
+)
+from qwen3_pretrain.config.model import ConfigError, Qwen3Config
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
 WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
-PIPELINE_SCHEDULES = ("1f1b", "gpipe")
 ATTENTION_BACKENDS = ("auto", "flash", "fused", "efficient", "unfused")  # model.kernels.ATTENTION_BACKENDS
 CONFIG_FLAG = "--config"
+PRECISION_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # precision -> torch dtype name
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
     """A config field with its help text (and allowed values) for the flag."""
     return field(default=default, metadata={"help": help, "choices": choices})
-
-
-def _list_opt(help: str) -> Any:
-    return field(default=None, metadata={"help": help, "choices": None})
 
 
 @dataclass
@@ -74,7 +72,10 @@ class ModelArgs:
 class DataArgs:
     """Training data and tokenizer."""
 
-    data_path: list[str] | None = _list_opt("dataset prefixes, or WEIGHT PREFIX pairs (Megatron .bin/.idx)")
+    data_path: list[str] | None = field(
+        default=None,
+        metadata={"help": "dataset prefixes, or WEIGHT PREFIX pairs (Megatron .bin/.idx)", "choices": None},
+    )
     split: str = _opt("969, 30, 1", "train,valid,test proportions of the documents")
     seq_length: int | None = _opt(None, "tokens per sample")
     tokenizer_name_or_path: str | None = _opt(None, "HF tokenizer directory (checks the vocabulary fits the model)")
@@ -120,6 +121,13 @@ class OptimizerArgs:
     adam_beta2: float = _opt(0.999, "Adam beta2")
     adam_eps: float = _opt(1e-8, "Adam epsilon")
 
+    @property
+    def peak_lr(self) -> float:
+        """`--lr`, which `TrainConfig.check` requires."""
+        if self.lr is None:
+            raise ConfigError("--lr is required (the peak learning rate)")
+        return self.lr
+
 
 @dataclass
 class PrecisionArgs:
@@ -133,6 +141,16 @@ class PrecisionArgs:
     loss_scale_window: int = _opt(1000, "overflow-free iterations before the loss scale doubles")
     hysteresis: int = _opt(2, "overflows tolerated before the loss scale halves")
 
+    @property
+    def name(self) -> str:
+        """The compute precision: bf16, fp16 or fp32."""
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
+
+    @property
+    def dtype_name(self) -> str:
+        """The compute dtype's torch name (the one precision -> dtype map): bfloat16, float16 or float32."""
+        return PRECISION_DTYPES[self.name]
+
 
 @dataclass
 class ParallelArgs:
@@ -144,7 +162,9 @@ class ParallelArgs:
     num_layers_per_virtual_pipeline_stage: int | None = _opt(
         None, "layers per virtual pipeline stage: interleaved 1F1B with several stages per rank"
     )
-    pipeline_schedule: str = _opt("1f1b", "pipeline schedule (interleaved 1F1B with virtual stages)", PIPELINE_SCHEDULES)
+    pipeline_schedule: str = _opt(
+        "1f1b", "pipeline schedule (interleaved 1F1B with virtual stages)", PIPELINE_SCHEDULES
+    )
     sequence_parallel: bool = _opt(False, "shard norms and the residual stream over TP (needs TP > 1)")
     no_shard: bool = _opt(False, "replicate weights and optimizer state over DP (DDP-style) instead of FSDP")
     recompute_granularity: str | None = _opt(None, "activation recomputation per block", RECOMPUTE_GRANULARITIES)
@@ -155,6 +175,7 @@ class ParallelArgs:
     )
     device_memory: str | None = _opt(None, "memory per device for the fit check, e.g. 32GB (default: detected)")
     skip_memory_check: bool = _opt(False, "train even when the memory estimate exceeds the device memory")
+    distributed_timeout_minutes: int = _opt(10, "timeout of the process group's collectives, in minutes")
 
 
 @dataclass
@@ -167,6 +188,7 @@ class CheckpointArgs:
     no_load_optim: bool = _opt(False, "load weights (and position) but not optimizer and LR scheduler state")
     no_load_rng: bool = _opt(False, "do not restore RNG states")
     finetune: bool = _opt(False, "load weights only and start at iteration 0")
+    keep_last_checkpoints: int | None = _opt(None, "delete older checkpoints of this run so that this many remain")
 
 
 @dataclass
@@ -213,7 +235,7 @@ IGNORED_FLAGS: dict[str, int] = {
         (
             "--distributed-backend", "--tokenizer-type", "--normalization", "--position-embedding-type",
             "--hidden-dropout", "--attention-dropout", "--transformer-impl", "--recompute-method",
-            "--recompute-num-layers", "--distributed-timeout-minutes", "--ckpt-format", "--manual-gc-interval",
+            "--recompute-num-layers", "--ckpt-format", "--manual-gc-interval",
             "--rotary-percent", "--attention-mask-type", "--log-level",
         ),
         1,
@@ -251,11 +273,6 @@ _QWEN3_FIELD_FLAGS: dict[str, str] = {
 }
 
 
-def flag_name(name: str) -> str:
-    """`seq_length` -> `--seq-length`."""
-    return "--" + name.replace("_", "-")
-
-
 def _field_types() -> dict[str, tuple[str, type]]:
     """field name -> (section, base type) for every config field."""
     table: dict[str, tuple[str, type]] = {}
@@ -270,34 +287,57 @@ def _field_types() -> dict[str, tuple[str, type]]:
 FIELDS = _field_types()
 
 
+def known_flags() -> list[str]:
+    """Every flag `train` accepts, including the ignored Megatron ones."""
+    return [CONFIG_FLAG, *(flag_name(n) for n in FIELDS), *IGNORED_FLAGS]
+
+
+def suggest_flag(flag: str) -> str:
+    close = difflib.get_close_matches(flag, known_flags(), n=1, cutoff=0.6)
+    return f" Did you mean {close[0]}?" if close else ""
+
+
+def check_fixed_by_qwen3(flag: str, values: list[Any], source: str) -> None:
+    allowed = _FIXED_BY_QWEN3.get(flag)
+    if allowed and str(values[0]) not in allowed:
+        raise ConfigError(f"{source}: {flag} {values[0]} is not supported: Qwen3 uses {allowed[0]}")
+
+
+
+
 @dataclass(frozen=True)
-class PipelineLayout:
-    """How the layers are split into pipeline stages and which schedule runs them."""
-
-    stage_layers: list[int]  # decoder layers of every stage, in stage order
-    virtual_stages: int  # stages per rank (> 1: interleaved 1F1B)
-    schedule: str  # "1f1b" | "gpipe" | "interleaved_1f1b"
-
-
-@dataclass
-class Resolved:
-    """Values derived by `TrainConfig.validate` for one world size."""
+class RunShape:
+    """What the pure checks derive for one world size: data-parallel size and the split of a step."""
 
     world_size: int
     dp_size: int
     num_microbatches: int
     global_batch_size: int
     train_iters: int
+    seq_length: int  # --seq-length, which every run must give
+
+
+@dataclass
+class Resolved:
+    """Values derived for one world size by `TrainConfig.resolve` (run by `train`'s preflight)."""
+
+    world_size: int
+    dp_size: int
+    num_microbatches: int
+    global_batch_size: int
+    train_iters: int
+    seq_length: int
     model_config: Qwen3Config
-    load_format: str | None  # "native" | "hf" | "mcore" | None
+    load_format: str | None  # "native" | "hf" | "mcore" (checkpoint.loader), or None (random init)
     pipeline: PipelineLayout | None  # with --pipeline-model-parallel-size > 1
+    sequence_parallel: bool  # --sequence-parallel where it applies (TP > 1)
     tokenizer_vocab_size: int | None
-    notes: list[str]
+    notes: list[str]  # flags given that have no effect in this run, with the reason
 
 
 @dataclass
 class TrainConfig:
-    """The whole training configuration; build with `parse_train_args` or `TrainConfig.from_flat`."""
+    """The whole training configuration; build with `config.flags.parse_train_args` or `TrainConfig.from_flat`."""
 
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)
@@ -313,15 +353,18 @@ class TrainConfig:
     # ---- building ----------------------------------------------------------------------------
 
     @classmethod
-    def from_flat(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+    def from_flat(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
         """Build from {field name (dashes or underscores): value}; ConfigError names unknown keys."""
         config = cls()
         for key, value in values.items():
             name = key.lstrip("-").replace("-", "_")
             if name not in FIELDS:
-                raise ConfigError(f"{source}: unknown setting {key!r}.{_suggest(flag_name(name))}")
+                raise ConfigError(f"{source}: unknown setting {key!r}.{suggest_flag(flag_name(name))}")
             section, base = FIELDS[name]
             setattr(getattr(config, section), name, _coerce(value, base, f"{source}: {flag_name(name)}"))
+        styles = {s.lower(): s for s in LR_DECAY_STYLES}  # Megatron's names, matched case-insensitively
+        config.optimizer.lr_decay_style = styles.get(config.optimizer.lr_decay_style.lower(),
+                                                     config.optimizer.lr_decay_style)
         return config
 
     def to_flat(self) -> dict[str, Any]:
@@ -342,20 +385,16 @@ class TrainConfig:
 
     def require_resolved(self) -> Resolved:
         if self.resolved is None:
-            raise RuntimeError("TrainConfig.validate(world_size) must run before the config is used")
+            raise RuntimeError("qwen3_pretrain.train.preflight must run before the config is used")
         return self.resolved
 
-    # ---- validation --------------------------------------------------------------------------
+    # ---- pure checks -------------------------------------------------------------------------
 
-    def validate(self, world_size: int | None = None) -> Resolved:
-        """Check every setting for `world_size` processes (default $WORLD_SIZE or 1); set `resolved`.
+    def check(self, world_size: int) -> RunShape:
+        """Check every setting that needs no file, device or tokenizer, for `world_size` processes.
 
-        Raises ConfigError naming the flag to change. Runs before any process group exists.
+        Raises ConfigError naming the flag to change.
         """
-        from qwen3_pretrain.distributed import device  # imports torch: on use
-
-        world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
-        notes: list[str] = []
         self._check_ranges()
         self._check_choices()
         par, tr = self.parallel, self.training
@@ -365,89 +404,64 @@ class TrainConfig:
                 f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
                 f"--pipeline-model-parallel-size {pp}; change them or the number of processes"
             )
-        if par.sequence_parallel and tp == 1:
-            par.sequence_parallel = False
-            notes.append("--sequence-parallel (tensor-model-parallel-size is 1)")
-        if par.attention_backend != "auto" and device.device_type() == "npu":
-            notes.append(f"--attention-backend {par.attention_backend} (Ascend NPUs use npu_fusion_attention)")
         dp = world_size // (tp * pp)
         gbs = tr.global_batch_size if tr.global_batch_size is not None else tr.micro_batch_size * dp
-        if gbs % (tr.micro_batch_size * dp):
-            raise ConfigError(
-                f"--global-batch-size {gbs} is not divisible by --micro-batch-size {tr.micro_batch_size} x "
-                f"data-parallel size {dp} (= {tr.micro_batch_size * dp}); change one of them"
-            )
+        num_microbatches = check_batch_split(gbs, tr.micro_batch_size, dp)
         train_iters = self._train_iters(gbs)
         self._check_schedule(train_iters, gbs)
-        self._check_precision()
-        self._check_data()
-        load_format = self._check_load()
-        tokenizer_vocab = self._tokenizer_vocab_size()
-        model_config = self._model_config(load_format, tokenizer_vocab, tp)
-        self._check_model_fits(model_config, tokenizer_vocab, tp)
-        num_microbatches = gbs // (tr.micro_batch_size * dp)
-        pipeline = self._pipeline_layout(model_config, num_microbatches) if pp > 1 else None
+        if self.precision.bf16 and self.precision.fp16:
+            raise ConfigError("--bf16 and --fp16 are exclusive; pick one")
+        if not self.data.data_path:
+            raise ConfigError(
+                "--data-path is required: the prefix of a tokenized dataset (PREFIX.bin + PREFIX.idx, "
+                "written by `qwen3-pretrain preprocess`)"
+            )
+        if self.data.seq_length is None:
+            raise ConfigError("--seq-length is required (tokens per sample, e.g. 4096)")
+        return RunShape(world_size, dp, num_microbatches, gbs, train_iters, self.data.seq_length)
+
+    def resolve(
+        self,
+        world_size: int,
+        base_model: Qwen3Config | None,
+        tokenizer_vocab_size: int | None,
+        load_format: str | None,
+    ) -> Resolved:
+        """The run's derived values from the flags and what preflight read: the model shape of `--model` or
+        the `--load` checkpoint (`base_model`, None for flags only), the tokenizer's size and the format."""
+        shape = self.check(world_size)
+        par = self.parallel
+        tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+        notes: list[str] = []
+        sp_ignored = sequence_parallel_ignored(par.sequence_parallel, tp)
+        if sp_ignored:
+            notes.append("--sequence-parallel (tensor-model-parallel-size is 1)")
+        model_config = self.model_config(base_model, tokenizer_vocab_size)
+        self._check_model_fits(model_config, tokenizer_vocab_size)
+        pipeline = None
+        if pp > 1:
+            if self.data.reset_position_ids:
+                raise ConfigError(
+                    "--reset-position-ids is not supported with --pipeline-model-parallel-size > 1 (the stages "
+                    "exchange hidden states only); drop one of them"
+                )
+            pipeline = pipeline_layout(
+                model_config.num_hidden_layers, pp, shape.num_microbatches, par.pipeline_schedule,
+                parse_layer_list(par.num_layer_list), par.num_layers_per_virtual_pipeline_stage,
+            )
         if self.checkpoint.save_interval is not None and not self.checkpoint.save:
             notes.append("--save-interval (no --save directory)")
-        self.resolved = Resolved(
-            world_size=world_size, dp_size=dp, num_microbatches=num_microbatches,
-            global_batch_size=gbs, train_iters=train_iters, model_config=model_config,
-            load_format=load_format, pipeline=pipeline, tokenizer_vocab_size=tokenizer_vocab, notes=notes,
-        )
-        self._check_memory_fits()
-        return self.resolved
-
-    def memory_estimate(self) -> MemoryEstimate:
-        """The planner's memory estimate per device for this (validated) run's layout."""
-        import torch
-
-        from qwen3_pretrain.distributed.device import local_device
-        from qwen3_pretrain.distributed.planner import Layout, estimate_memory
-        from qwen3_pretrain.model import kernels
-        from qwen3_pretrain.model.qwen3 import DEFAULT_LOSS_CHUNK_TOKENS
-
-        r, par = self.require_resolved(), self.parallel
-        layout = Layout(
-            tp=par.tensor_model_parallel_size, pp=par.pipeline_model_parallel_size, dp=r.dp_size,
-            micro_batch_size=self.training.micro_batch_size, recompute=par.recompute_granularity or "none",
-            sequence_parallel=par.sequence_parallel, shard=not par.no_shard,
-        )
-        compute_bytes = 2 if self.precision.bf16 or self.precision.fp16 else 4
-        return estimate_memory(r.model_config, layout, self.data.seq_length, compute_dtype_bytes=compute_bytes,
-                               loss_chunk_tokens=DEFAULT_LOSS_CHUNK_TOKENS,
-                               bf16_float32_matmuls=self.precision.bf16
-                               and kernels.bf16_via_float32(local_device(), torch.bfloat16))
-
-    def _check_memory_fits(self) -> None:
-        """Refuse a layout whose memory estimate exceeds the device memory (--skip-memory-check to try anyway)."""
-        from qwen3_pretrain.distributed.device import device_memory_bytes
-        from qwen3_pretrain.distributed.planner import GIB, parse_size
-
-        par = self.parallel
-        if par.skip_memory_check:
-            return
-        try:
-            local = int(os.environ.get("LOCAL_WORLD_SIZE", self.require_resolved().world_size))
-            budget = parse_size(par.device_memory) if par.device_memory is not None else device_memory_bytes(local)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        estimate = self.memory_estimate()
-        if estimate.total <= budget:
-            return
-        parts = ", ".join(f"{k} {v:.2f}" for k, v in estimate.as_gib().items() if k != "total")
-        r = self.require_resolved()
-        raise ConfigError(
-            f"this layout needs about {estimate.total / GIB:.2f} GiB per device ({parts} GiB) but a device has "
-            f"{budget / GIB:.2f} GiB. Run `qwen3-pretrain plan --model {self.model.model or '<preset>'} --seq-length {self.data.seq_length} "
-            f"--global-batch-size {r.global_batch_size} --devices {r.world_size} --device-memory "
-            f"{budget / GIB:.0f}GB` for layouts that fit (more tensor/pipeline parallelism, "
-            "--recompute-granularity full, a smaller --micro-batch-size), or pass --skip-memory-check to try anyway"
+        return Resolved(
+            **dataclasses.asdict(shape), model_config=model_config, load_format=load_format, pipeline=pipeline,
+            sequence_parallel=par.sequence_parallel and not sp_ignored,
+            tokenizer_vocab_size=tokenizer_vocab_size, notes=notes,
         )
 
     def _check_ranges(self) -> None:
         positive = (
             "micro_batch_size", "global_batch_size", "train_iters", "train_samples", "seq_length", "log_interval",
-            "eval_interval", "save_interval", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+            "eval_interval", "save_interval", "tensor_model_parallel_size", "distributed_timeout_minutes",
+            "keep_last_checkpoints", "pipeline_model_parallel_size",
             "make_vocab_size_divisible_by", "stop_after_nonfinite_iters", "loss_scale_window", "hysteresis",
             "lr_decay_iters", "lr_decay_samples", "lr_wsd_decay_iters", "lr_wsd_decay_samples",
             "loss_scale", "initial_loss_scale", "min_loss_scale",
@@ -468,23 +482,18 @@ class TrainConfig:
                 raise ConfigError(f"{flag_name(name)} must be in [0, 1), got {self.get(name)}")
 
     def _check_choices(self) -> None:
-        opt = self.optimizer
-        styles = {s.lower(): s for s in LR_DECAY_STYLES}
-        if opt.lr_decay_style.lower() not in styles:
-            raise ConfigError(f"--lr-decay-style {opt.lr_decay_style!r}: use one of {', '.join(LR_DECAY_STYLES)}")
-        opt.lr_decay_style = styles[opt.lr_decay_style.lower()]
         for section, cls in SECTIONS.items():
             for f in dataclasses.fields(cls):
                 choices, value = f.metadata["choices"], getattr(getattr(self, section), f.name)
-                if choices and value is not None and value not in choices and f.name != "lr_decay_style":
+                if choices and value is not None and value not in choices:
                     raise ConfigError(f"{flag_name(f.name)} {value!r}: use one of {', '.join(choices)}")
 
     def _train_iters(self, gbs: int) -> int:
         tr = self.training
-        if (tr.train_iters is None) == (tr.train_samples is None):
-            raise ConfigError("give exactly one of --train-iters and --train-samples")
-        if tr.train_iters is not None:
+        if tr.train_iters is not None and tr.train_samples is None:
             return tr.train_iters
+        if tr.train_samples is None or tr.train_iters is not None:
+            raise ConfigError("give exactly one of --train-iters and --train-samples")
         if tr.train_samples < gbs:
             raise ConfigError(f"--train-samples {tr.train_samples} is less than one global batch ({gbs})")
         return tr.train_samples // gbs
@@ -517,92 +526,9 @@ class TrainConfig:
         if opt.lr_decay_style == "WSD" and steps.wsd_decay is None:
             raise ConfigError("--lr-decay-style WSD needs --lr-wsd-decay-iters (or --lr-wsd-decay-samples)")
 
-    def _check_precision(self) -> None:
-        if self.precision.bf16 and self.precision.fp16:
-            raise ConfigError("--bf16 and --fp16 are exclusive; pick one")
-
-    def _check_data(self) -> None:
-        from qwen3_pretrain.data.gpt_dataset import DataConfigError, parse_data_path, parse_split
-        from qwen3_pretrain.data.indexed import bin_path, idx_path, strip_suffix
-
-        data = self.data
-        if not data.data_path:
-            raise ConfigError(
-                "--data-path is required: the prefix of a tokenized dataset (PREFIX.bin + PREFIX.idx, "
-                "written by `qwen3-pretrain preprocess`)"
-            )
-        if data.seq_length is None:
-            raise ConfigError("--seq-length is required (tokens per sample, e.g. 4096)")
-        try:
-            prefixes, _ = parse_data_path(data.data_path)
-            parse_split(data.split)
-        except DataConfigError as exc:
-            raise ConfigError(str(exc)) from exc
-        for prefix in prefixes:
-            prefix = strip_suffix(prefix)
-            missing = [p for p in (bin_path(prefix), idx_path(prefix)) if not os.path.isfile(p)]
-            if missing:
-                raise ConfigError(
-                    f"--data-path {prefix}: {', '.join(missing)} not found; pass the prefix that "
-                    "`qwen3-pretrain preprocess` wrote (e.g. data/corpus_text_document)"
-                )
-
-    def _check_load(self) -> str | None:
-        ck = self.checkpoint
-        if ck.load is None:
-            return None
-        from qwen3_pretrain.checkpoint.native import detect_checkpoint_format
-
-        fmt = detect_checkpoint_format(ck.load)
-        if fmt is not None:
-            return fmt
-        if ck.save and Path(ck.load).resolve() == Path(ck.save).resolve() and _empty_or_missing(Path(ck.load)):
-            return None  # Megatron's `--load DIR --save DIR` on the first run: start from scratch
-        what = "does not exist" if not Path(ck.load).exists() else "is none of the known checkpoint formats"
-        raise ConfigError(
-            f"--load {ck.load} {what}: pass a native checkpoint directory (a --save directory or one iter_N), "
-            "an HF model directory (config.json + *.safetensors) or a Megatron mcore checkpoint"
-        )
-
-    def _tokenizer_vocab_size(self) -> int | None:
-        path = self.data.tokenizer_name_or_path
-        if path is None:
-            return None
-        from qwen3_pretrain.tokenizer import TokenizerError, load_tokenizer
-
-        try:
-            return len(load_tokenizer(path))
-        except TokenizerError as exc:
-            raise ConfigError(f"--tokenizer-name-or-path: {exc}") from exc
-
-    def _base_model_config(self, load_format: str | None) -> Qwen3Config | None:
-        """The shape to start from: the preset, the HF/mcore/native checkpoint's config, or None."""
-        preset = self.model.model
-        if preset is not None:
-            if (Path(preset) / "config.json").is_file():
-                return Qwen3Config.from_pretrained(preset)
-            return get_preset(preset)
-        load = self.checkpoint.load
-        if load_format == "hf":
-            return Qwen3Config.from_pretrained(load)
-        if load_format == "mcore":
-            from qwen3_pretrain.checkpoint.mcore import iter_mcore_as_hf
-
-            config, _, _ = iter_mcore_as_hf(load)
-            return config
-        if load_format == "native":
-            from qwen3_pretrain.checkpoint.export import qwen3_config_from_saved
-            from qwen3_pretrain.checkpoint.native import load_model_config, resolve_checkpoint_dir
-
-            return qwen3_config_from_saved(load_model_config(load), resolve_checkpoint_dir(load))
-        return None
-
-    def _model_config(self, load_format: str | None, tokenizer_vocab: int | None, tp: int) -> Qwen3Config:
+    def model_config(self, base: Qwen3Config | None, tokenizer_vocab: int | None) -> Qwen3Config:
+        """The model shape: `base` (a preset's or a checkpoint's) or the shape flags alone, then the flags."""
         m = self.model
-        try:
-            base = self._base_model_config(load_format)
-        except (ValueError, OSError) as exc:  # ConfigError and checkpoint errors are ValueErrors
-            raise ConfigError(f"cannot read the model shape: {exc}") from exc
         values: dict[str, Any] = dataclasses.asdict(base) if base is not None else {}
         if base is None:
             missing = [flag_name(n) for n in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads")
@@ -617,7 +543,7 @@ class TrainConfig:
             if m.padded_vocab_size is None:
                 if tokenizer_vocab is None:
                     raise ConfigError("pass --padded-vocab-size or --tokenizer-name-or-path to set the vocabulary size")
-                multiple = m.make_vocab_size_divisible_by * tp
+                multiple = m.make_vocab_size_divisible_by * self.parallel.tensor_model_parallel_size
                 values["vocab_size"] = math.ceil(tokenizer_vocab / multiple) * multiple
         for flag, hf_field in _MODEL_FIELDS.items():
             if getattr(m, flag) is not None:
@@ -633,7 +559,7 @@ class TrainConfig:
         if m.untie_embeddings_and_output_weights is not None:
             values["tie_word_embeddings"] = not m.untie_embeddings_and_output_weights
         values["rope_theta"] = float(values.get("rope_theta", Qwen3Config.rope_theta))
-        values["torch_dtype"] = "bfloat16" if self.precision.bf16 else "float16" if self.precision.fp16 else "float32"
+        values["torch_dtype"] = self.precision.dtype_name
         try:
             return Qwen3Config(**values)
         except ConfigError as exc:
@@ -641,9 +567,9 @@ class TrainConfig:
             hint = f" (set with {', '.join(flags)})" if flags else ""
             raise ConfigError(f"invalid model shape: {exc}{hint}") from exc
 
-    def _check_model_fits(self, cfg: Qwen3Config, tokenizer_vocab: int | None, tp: int) -> None:
+    def _check_model_fits(self, cfg: Qwen3Config, tokenizer_vocab: int | None) -> None:
         seq = self.data.seq_length
-        if seq > cfg.max_position_embeddings:
+        if seq is not None and seq > cfg.max_position_embeddings:
             raise ConfigError(
                 f"--seq-length {seq} exceeds the model's max position embeddings {cfg.max_position_embeddings}; "
                 "lower --seq-length or raise --max-position-embeddings"
@@ -654,55 +580,7 @@ class TrainConfig:
                 f"tokens but the model's vocabulary is {cfg.vocab_size}; raise --padded-vocab-size (or pick the "
                 "model's own tokenizer)"
             )
-        if tp > 1:
-            from qwen3_pretrain.distributed.tensor_parallel import validate_tensor_parallel_size
-
-            try:
-                validate_tensor_parallel_size(cfg, tp)
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from exc
-
-    def _pipeline_layout(self, cfg: Qwen3Config, num_microbatches: int) -> PipelineLayout:
-        """The stage split and schedule for --pipeline-model-parallel-size > 1; ConfigError names the flag."""
-        from qwen3_pretrain.distributed.pipeline import stage_layer_counts, virtual_pipeline_stages
-
-        par = self.parallel
-        pp = par.pipeline_model_parallel_size
-        if self.data.reset_position_ids:
-            raise ConfigError(
-                "--reset-position-ids is not supported with --pipeline-model-parallel-size > 1 (the stages "
-                "exchange hidden states only); drop one of them"
-            )
-        layer_list = None
-        if par.num_layer_list is not None:
-            try:
-                layer_list = [int(n) for n in par.num_layer_list.split(",")]
-            except ValueError:
-                raise ConfigError(
-                    f"--num-layer-list {par.num_layer_list!r} must be comma-separated integers, e.g. 7,7,7,7"
-                ) from None
-        try:
-            virtual = 1
-            if par.num_layers_per_virtual_pipeline_stage is not None:
-                virtual = virtual_pipeline_stages(cfg.num_hidden_layers, pp, par.num_layers_per_virtual_pipeline_stage)
-            stage_layers = stage_layer_counts(cfg.num_hidden_layers, pp, virtual, layer_list)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from exc
-        if virtual > 1 and par.pipeline_schedule != "1f1b":
-            raise ConfigError(
-                f"--pipeline-schedule {par.pipeline_schedule} cannot run virtual stages "
-                "(--num-layers-per-virtual-pipeline-stage runs interleaved 1F1B); drop one of them"
-            )
-        schedule = "interleaved_1f1b" if virtual > 1 else par.pipeline_schedule
-        needs_multiple = schedule == "interleaved_1f1b"
-        if (schedule == "1f1b" and num_microbatches < pp) or (needs_multiple and num_microbatches % pp):
-            rule = "a multiple of" if needs_multiple else "at least"
-            raise ConfigError(
-                f"the {schedule} pipeline schedule needs the number of micro batches per step ({num_microbatches} = "
-                f"global batch / (micro batch x data-parallel size)) to be {rule} --pipeline-model-parallel-size {pp}; "
-                "raise --global-batch-size or lower --micro-batch-size"
-            )
-        return PipelineLayout(stage_layers, virtual, schedule)
+        check_tensor_parallel(cfg, self.parallel.tensor_model_parallel_size)
 
     # ---- access ------------------------------------------------------------------------------
 
@@ -735,125 +613,6 @@ def schedule_steps(config: TrainConfig, train_iters: int, gbs: int) -> ScheduleS
     return ScheduleSteps(warmup=warmup, decay=decay, wsd_decay=wsd)
 
 
-# ---- parsing -----------------------------------------------------------------------------------
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises ConfigError instead of exiting."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        raise ConfigError(message)
-
-
-def build_parser(prog: str = "qwen3-pretrain train") -> argparse.ArgumentParser:
-    """The flag parser; only flags given on the command line appear in the namespace."""
-    parser = _Parser(
-        prog=prog, allow_abbrev=False, argument_default=argparse.SUPPRESS,
-        description="Pretrain a Qwen3 model with Megatron/MindSpeed flags (flags override --config).",
-    )
-    parser.add_argument(CONFIG_FLAG, metavar="YAML", help="recipe: a YAML mapping of flag names to values")
-    for section, cls in SECTIONS.items():
-        group = parser.add_argument_group(section)
-        for f in dataclasses.fields(cls):
-            base = FIELDS[f.name][1]
-            kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"]}
-            if base is bool:
-                kwargs["action"] = "store_true"
-            elif base is list:
-                kwargs["nargs"] = "+"
-            else:
-                kwargs["type"] = base
-                kwargs["metavar"] = base.__name__.upper()
-            group.add_argument(flag_name(f.name), **kwargs)
-    return parser
-
-
-def known_flags() -> list[str]:
-    """Every flag `train` accepts, including the ignored Megatron ones."""
-    return [CONFIG_FLAG, *(flag_name(n) for n in FIELDS), *IGNORED_FLAGS]
-
-
-def _suggest(flag: str) -> str:
-    close = difflib.get_close_matches(flag, known_flags(), n=1, cutoff=0.6)
-    return f" Did you mean {close[0]}?" if close else ""
-
-
-def _take_ignored(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Remove ignored Megatron flags (and their values) from argv; return (rest, ignored flag names)."""
-    rest: list[str] = []
-    ignored: list[str] = []
-    i = 0
-    while i < len(argv):
-        name, eq, inline = argv[i].partition("=")
-        if name not in IGNORED_FLAGS:
-            rest.append(argv[i])
-            i += 1
-            continue
-        count = IGNORED_FLAGS[name]
-        values = [inline] if eq else argv[i + 1 : i + 1 + count]
-        if len(values) != count or any(v.startswith("--") for v in values):
-            raise ConfigError(f"{name} expects {count} value(s)")
-        _check_fixed(name, values, "command line")
-        ignored.append(name)
-        i += 1 + (0 if eq else count)
-    return rest, ignored
-
-
-def _check_fixed(flag: str, values: list[Any], source: str) -> None:
-    allowed = _FIXED_BY_QWEN3.get(flag)
-    if allowed and str(values[0]) not in allowed:
-        raise ConfigError(f"{source}: {flag} {values[0]} is not supported: Qwen3 uses {allowed[0]}")
-
-
-def load_recipe(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[str]]:
-    """A YAML recipe -> ({field name: value}, ignored flag names); ConfigError names the file and key."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"{CONFIG_FLAG} {path}: cannot read the file ({exc.strerror})") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{CONFIG_FLAG} {path} is not valid YAML: {exc}") from exc
-    if data is None:
-        return {}, []
-    if not isinstance(data, dict):
-        raise ConfigError(f"{CONFIG_FLAG} {path} must hold a mapping of flag names to values")
-    values: dict[str, Any] = {}
-    ignored: list[str] = []
-    for key, value in data.items():
-        name = str(key).lstrip("-").replace("-", "_")
-        flag = flag_name(name)
-        if flag in IGNORED_FLAGS:
-            _check_fixed(flag, [value], str(path))
-            ignored.append(flag)
-            continue
-        if name not in FIELDS:
-            raise ConfigError(f"{path}: unknown setting {key!r}.{_suggest(flag)}")
-        values[name] = value
-    return values, ignored
-
-
-def parse_train_args(argv: list[str], world_size: int | None = None) -> TrainConfig:
-    """Flags (and the `--config` recipe they name) -> a validated TrainConfig for `world_size` processes."""
-    rest, ignored = _take_ignored(list(argv))
-    namespace, unknown = build_parser().parse_known_args(rest)
-    for token in unknown:
-        if token.startswith("-"):
-            raise ConfigError(f"unknown flag {token.partition('=')[0]}.{_suggest(token.partition('=')[0])}")
-        raise ConfigError(f"unexpected value {token!r}: it follows no flag that takes a value")
-    given = vars(namespace)
-    values: dict[str, Any] = {}
-    recipe = given.pop("config", None)
-    if recipe is not None:
-        values, recipe_ignored = load_recipe(recipe)
-        ignored = recipe_ignored + ignored
-    values.update(given)
-    config = TrainConfig.from_flat(values, source=str(recipe) if recipe else "command line")
-    config.ignored = list(dict.fromkeys(ignored))
-    config.validate(world_size)
-    return config
-
-
 def _coerce(value: Any, base: type, where: str) -> Any:
     """A YAML/flag value as the field's type; ConfigError names `where`."""
     if value is None:
@@ -880,12 +639,8 @@ def _coerce(value: Any, base: type, where: str) -> Any:
         raise ConfigError(f"{where}: expected {base.__name__}, got {value!r}") from None
 
 
-def _empty_or_missing(path: Path) -> bool:
-    return not path.exists() or (path.is_dir() and not any(path.iterdir()))
-
-
 __all__ = [
-    "CheckpointArgs", "ConfigError", "DataArgs", "LoggingArgs", "ModelArgs", "OptimizerArgs", "ParallelArgs",
-    "PrecisionArgs", "Resolved", "ScheduleSteps", "TrainConfig", "TrainingArgs", "build_parser", "flag_name",
-    "load_recipe", "parse_train_args", "schedule_steps",
+    "ATTENTION_BACKENDS", "CheckpointArgs", "ConfigError", "DataArgs", "LoggingArgs", "ModelArgs",
+    "OptimizerArgs", "ParallelArgs", "PrecisionArgs", "Resolved", "RunShape", "ScheduleSteps", "TrainConfig",
+    "TrainingArgs", "flag_name", "schedule_steps",
 ]

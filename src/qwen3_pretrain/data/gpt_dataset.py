@@ -22,6 +22,7 @@ import os
 import re
 import tempfile
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -54,12 +55,12 @@ def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None
             weights.append(None)
     if all(w is None for w in weights):
         return [p.strip() for p in data_path], None
-    if any(w is None for w in weights) or any(w <= 0 for w in weights):
+    if any(w is None or w <= 0 for w in weights):
         raise DataConfigError(
             f"--data-path {' '.join(data_path)}: expected WEIGHT PREFIX pairs with positive weights "
             f"(e.g. 0.3 data/a_text_document 0.7 data/b_text_document)"
         )
-    return [p.strip() for p in data_path[1::2]], weights
+    return [p.strip() for p in data_path[1::2]], [w for w in weights if w is not None]
 
 
 def parse_split(split: str) -> list[tuple[float, float] | None]:
@@ -144,7 +145,9 @@ def _load_or_build(cache_dir: str | None, stem: str, parameters: dict, build) ->
         content = json.dumps({**parameters, "arrays": list(arrays)}, indent=1)
         _atomic_write(description, lambda f: f.write(content.encode()))
     except OSError as exc:
-        warnings.warn(f"could not cache the sample index in {cache_dir} ({exc}); it is rebuilt on every start")
+        warnings.warn(
+            f"could not cache the sample index in {cache_dir} ({exc}); it is rebuilt on every start", stacklevel=1
+        )
     return arrays
 
 
@@ -211,7 +214,7 @@ class GPTDataset(torch.utils.data.Dataset):
         self, documents: np.ndarray, num_samples: int | None, tokens_per_epoch: int, seed: int
     ) -> dict[str, np.ndarray]:
         separate_final_epoch, samples_before_final = False, 0
-        if self.num_epochs > 1:
+        if num_samples is not None and self.num_epochs > 1:  # more than one epoch only when num_samples is set
             samples_before_final = ((self.num_epochs - 1) * tokens_per_epoch - 1) // self.seq_length
             samples_per_epoch = (tokens_per_epoch - 1) // self.seq_length
             separate_final_epoch = num_samples - samples_before_final < int(
@@ -255,7 +258,7 @@ class GPTDataset(torch.utils.data.Dataset):
         return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
 
 
-def normalize(weights: list[float]) -> list[float]:
+def normalize(weights: Sequence[float]) -> list[float]:
     """Weights divided by their sum, in float64 (the exact arithmetic Megatron uses)."""
     array = np.asarray(weights, dtype=np.float64)
     return (array / array.sum()).tolist()
@@ -271,7 +274,7 @@ def build_blend_indices(weights: list[float], size: int) -> tuple[np.ndarray, np
     drawn = [0] * len(weights)
     for s in range(size):
         scale = max(float(s), 1.0)
-        errors = [w * scale - c for w, c in zip(weights, drawn)]
+        errors = [w * scale - c for w, c in zip(weights, drawn, strict=True)]
         best = errors.index(max(errors))  # first maximum, as Megatron's strict > comparison
         dataset_index[s] = best
         dataset_sample_index[s] = drawn[best]
@@ -282,7 +285,7 @@ def build_blend_indices(weights: list[float], size: int) -> tuple[np.ndarray, np
 class BlendedDataset(torch.utils.data.Dataset):
     """`size` samples drawn from several datasets in proportion to `weights` (normalised)."""
 
-    def __init__(self, datasets: list[GPTDataset], weights: list[float], size: int, cache_dir: str | None) -> None:
+    def __init__(self, datasets: list[GPTDataset], weights: Sequence[float], size: int, cache_dir: str | None) -> None:
         if any(w <= 0 for w in weights):
             raise DataConfigError(f"blend weights must be positive, got {weights}")
         self.datasets, self.weights, self.size = datasets, normalize(weights), size
@@ -331,11 +334,12 @@ def build_gpt_datasets(
     prefixes, weights = parse_data_path(data_path)
     bounds = parse_split(split)
     indexed = [IndexedDataset(prefix) for prefix in prefixes]
-    options = {"eod_token_id": eod_token_id, "eod_mask_loss": eod_mask_loss, "reset_position_ids": reset_position_ids}
 
     def dataset(i: int, split_index: int, samples: int | None) -> GPTDataset:
         count = len(indexed[i])
-        begin, end = (int(round(b * count)) for b in bounds[split_index])
+        split_bounds = bounds[split_index]
+        assert split_bounds is not None, "called only for a non-empty split"
+        begin, end = (round(b * count) for b in split_bounds)
         if begin == end:
             raise DataConfigError(
                 f"the {SPLIT_NAMES[split_index]} split ({split}) of {prefixes[i]} has no documents ({count} in all); "
@@ -343,7 +347,10 @@ def build_gpt_datasets(
             )
         documents = np.arange(begin, end, dtype=np.int32)
         split_name = SPLIT_NAMES[split_index]
-        return GPTDataset(indexed[i], documents, samples, seq_length, seed, split_name, cache_of(i), **options)
+        return GPTDataset(
+            indexed[i], documents, samples, seq_length, seed, split_name, cache_of(i), eod_token_id=eod_token_id,
+            eod_mask_loss=eod_mask_loss, reset_position_ids=reset_position_ids,
+        )
 
     def cache_of(i: int) -> str:
         return cache_dir or os.path.join(os.path.dirname(os.path.abspath(prefixes[i])), "index-cache")

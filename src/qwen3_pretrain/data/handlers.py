@@ -67,7 +67,7 @@ class _AlpacaHandler(ABC):
         self.optional = [self.input]
 
     def texts(self, batch: Batch) -> Texts:
-        rows = zip(batch[self.instruction], batch[self.input], batch[self.output])
+        rows = zip(batch[self.instruction], batch[self.input], batch[self.output], strict=True)
         return {
             "text": [
                 self.render(_text(self.instruction, a) or "", _text(self.input, b) or "", _text(self.output, c) or "")

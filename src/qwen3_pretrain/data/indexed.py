@@ -13,8 +13,8 @@ from __future__ import annotations
 import array
 import os
 import struct
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -100,7 +100,7 @@ class IndexedDatasetWriter:
         self._tmp_bin = bin_path(self.prefix) + suffix
         self._tmp_idx = idx_path(self.prefix) + suffix
         Path(self._tmp_bin).parent.mkdir(parents=True, exist_ok=True)
-        self._bin = open(self._tmp_bin, "wb")
+        self._bin = open(self._tmp_bin, "wb")  # noqa: SIM115  (open for the writer's lifetime: closed in finalize/abort)
         self._lengths = array.array("i")
         self.num_tokens = 0
         self._done = False
@@ -228,7 +228,7 @@ class IndexedDataset:
         return {"prefix": self.prefix}  # reopen (and re-map) in the receiving process, never copy the maps
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["prefix"])
+        type(self).__init__(self, state["prefix"])
 
     def expected_bin_size(self) -> int:
         """Bytes the .bin must have: the end of the last sequence."""
@@ -263,6 +263,8 @@ class IndexedDataset:
             raise IndexError(f"tokens [{offset}, {offset + length}) outside sequence {idx} of length {size}")
         if length == 0:
             return np.empty(0, dtype=self.dtype)
+        if self._bin is None:  # an empty .bin under a non-empty sequence: only when opened with check_bin_size=False
+            raise IndexedDatasetError(f"{self.bin_file} is empty but sequence {idx} has {size} tokens")
         start = int(self._pointers[idx]) + offset * self.dtype.itemsize
         return np.frombuffer(self._bin, self.dtype, length, start)
 

@@ -21,7 +21,7 @@ def length_histogram(lengths: np.ndarray) -> list[str]:
     counts = np.histogram(lengths, bins=np.concatenate([[0], edges]))[0]
     lines = []
     low = 0
-    for high, count in zip(edges, counts):
+    for high, count in zip(edges, counts, strict=True):
         if count:
             share = count / len(lengths)
             bar = "#" * max(1, round(share * HISTOGRAM_BAR))

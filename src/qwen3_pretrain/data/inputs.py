@@ -11,8 +11,9 @@ import csv
 import glob
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TextIO
 
 Batch = dict[str, list]
 SUPPORTED_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv", ".txt")
@@ -92,8 +93,8 @@ def read_batches(
                 f"{path}: a .txt file has one column, {TEXT_FILE_COLUMN!r} (one document per line); "
                 f"missing {extra}: use --json-keys text or a structured format"
             )
-        records = ({TEXT_FILE_COLUMN: line} for _, line in _text_lines(path, stats, skip_bad_lines))
-        yield from _record_batches(path, records, required, optional, batch_size)
+        lines = ({TEXT_FILE_COLUMN: line} for _, line in _text_lines(path, stats, skip_bad_lines))
+        yield from _record_batches(path, lines, required, optional, batch_size)
     elif _is_json_array(path):
         yield from _record_batches(path, _json_array_records(path), required, optional, batch_size)
     else:
@@ -213,7 +214,7 @@ def _is_json_array(path: str) -> bool:
 class _JsonArrayScanner:
     """Walk a top-level JSON array in a file, one element at a time, over a sliding text buffer."""
 
-    def __init__(self, path: str, f: object) -> None:
+    def __init__(self, path: str, f: TextIO) -> None:
         self.path, self.f = path, f
         self.buffer, self.pos, self.eof = "", 0, False
 

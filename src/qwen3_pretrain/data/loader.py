@@ -9,7 +9,7 @@ incomplete global batch is dropped.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator, Sized
 
 import torch
 
@@ -56,6 +56,8 @@ def build_pretraining_loader(
     pin_memory: bool = False,
 ) -> torch.utils.data.DataLoader:
     """DataLoader of `{tokens, labels, loss_mask, position_ids}` micro batches ([micro, seq] each)."""
+    if not isinstance(dataset, Sized):
+        raise TypeError(f"the pretraining loader needs a dataset with a length, got {type(dataset).__name__}")
     sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
     return torch.utils.data.DataLoader(
         dataset,

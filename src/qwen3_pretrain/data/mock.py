@@ -1,4 +1,4 @@
-"""Random-token training samples for `--mock-data` (Megatron's flag): benchmarks and smoke runs without files.
+"""Random-token training samples for benchmarks and smoke runs without files (what Megatron's `--mock-data` reads).
 
 Each sample is a window of seq_length + 1 uniformly random token ids drawn from a generator seeded by
 (seed, sample index), so sample i is the same in every process, DataLoader worker and access order,

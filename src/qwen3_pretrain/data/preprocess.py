@@ -21,9 +21,10 @@ import os
 import sys
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -70,6 +71,9 @@ class TokenEncoder:
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         """The HF tokenizer's ids of each text."""
+        if self.backend is None:
+            assert self.slow is not None  # set exactly when there is no fast backend
+            return self.slow(texts, add_special_tokens=True)["input_ids"]
         if self.tiktoken is not None:
             ids = self.tiktoken.encode_batch(texts, self.threads)
             for i in range(0, len(texts), VERIFY_EVERY):
@@ -79,9 +83,7 @@ class TokenEncoder:
                         f"{texts[i][:60]!r}; rerun with --tokenizer-engine tokenizers (and report this)"
                     )
             return ids
-        if self.backend is not None:
-            return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=True)]
-        return self.slow(texts, add_special_tokens=True)["input_ids"]
+        return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=True)]
 
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Tokens of all texts concatenated (int32, EOD appended to each when set) and each length."""
@@ -94,21 +96,25 @@ class TokenEncoder:
         return tokens, lengths
 
 
-_worker_encoder: TokenEncoder | None = None
+class _WorkerState:
+    """This process's encoder, set by `_init_worker` (the pool initializer, or in-process for one worker)."""
+
+    encoder: TokenEncoder | None = None
 
 
 def _init_worker(encoder: TokenEncoder, tokenizer_threads: bool) -> None:
-    global _worker_encoder
     if tokenizer_threads:
         encoder.threads = os.cpu_count() or 1
     else:  # several worker processes: one thread each, not one per core each
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker_encoder = encoder
+    _WorkerState.encoder = encoder
 
 
 def _tokenize_task(task: Task) -> Result:
     key_index, texts = task
-    tokens, lengths = _worker_encoder.encode(texts)
+    encoder = _WorkerState.encoder
+    assert encoder is not None, "_init_worker has not run in this process"
+    tokens, lengths = encoder.encode(texts)
     return key_index, tokens, lengths, sum(len(t.encode("utf-8")) for t in texts)
 
 
@@ -207,7 +213,7 @@ def preprocess(args: argparse.Namespace) -> Counters:
     encoder = TokenEncoder(tokenizer, eod, args.tokenizer_engine)
     print(
         f"preprocess: {len(files)} input file(s), handler {type(handler).__name__}, vocab {vocab_size} "
-        f"-> {dtype.name}, eod {'%d appended' % eod if eod is not None else 'not appended'}, "
+        f"-> {dtype.name}, eod {f'{eod} appended' if eod is not None else 'not appended'}, "
         f"engine {encoder.engine}, {args.workers} worker(s), output {', '.join(prefixes)}",
         flush=True,
     )
@@ -218,13 +224,14 @@ def preprocess(args: argparse.Namespace) -> Counters:
         tasks = _tasks(files, handler, args, counters)
         results = ordered_map(_tokenize_task, tasks, args.workers, encoder)
         for key_index, tokens, lengths, text_bytes in results:
+            kept_tokens, kept_lengths = tokens, lengths
             if args.seq_length is not None:  # MindSpeed drops documents of seq_length tokens or more
                 keep = lengths < args.seq_length
                 counters.dropped += int(len(lengths) - keep.sum())
-                tokens, lengths = tokens[np.repeat(keep, lengths)], lengths[keep]
-            writers[key_index].add_documents(tokens, lengths)
-            counters.documents += len(lengths)
-            counters.tokens += len(tokens)
+                kept_tokens, kept_lengths = tokens[np.repeat(keep, lengths)], lengths[keep]
+            writers[key_index].add_documents(kept_tokens, kept_lengths)
+            counters.documents += len(kept_lengths)
+            counters.tokens += len(kept_tokens)
             counters.text_bytes += text_bytes
             progress.update()
         for writer in writers:

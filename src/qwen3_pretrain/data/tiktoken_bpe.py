@@ -155,7 +155,7 @@ def tiktoken_engine_for(backend: Any) -> tuple[TiktokenBPE | None, str]:
     except ValueError as exc:  # e.g. a regex tiktoken's engine does not support
         return None, f"tiktoken cannot load it ({exc})"
     expected = [e.ids for e in backend.encode_batch(list(PROBE_TEXTS), add_special_tokens=True)]
-    for text, ids in zip(PROBE_TEXTS, expected):
+    for text, ids in zip(PROBE_TEXTS, expected, strict=True):
         if engine.encode(text) != ids:
             return None, f"tiktoken differs from the HF tokenizer on {text[:40]!r}"
     return engine, "tiktoken"

@@ -44,7 +44,7 @@ def local_device(local_rank: int | None = None) -> torch.device:
     return torch.device(kind, local_rank)
 
 
-def device_module(kind: str | None = None):  # noqa: ANN201  (torch.cuda / torch.npu / torch.cpu)
+def device_module(kind: str | None = None):
     """The torch submodule for the device (memory stats, synchronize, set_device)."""
     return getattr(torch, kind or device_type())
 

@@ -11,7 +11,8 @@ batch, so N ranks equal one process. Parameter names stay HF's throughout.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,10 +54,11 @@ def parallelize_model(
             block.compile()
     if env.mesh is None:
         return
-    if shard:
-        wrap = fully_shard
-    else:
-        from torch.distributed._composable.replicate_with_fsdp import replicate as wrap
+    wrap: Callable[..., Any] = fully_shard
+    if not shard:
+        from torch.distributed._composable.replicate_with_fsdp import replicate
+
+        wrap = replicate
     policy = MixedPrecisionPolicy(
         param_dtype=None if compute_dtype == torch.float32 else compute_dtype, reduce_dtype=torch.float32
     )

@@ -18,8 +18,9 @@ from __future__ import annotations
 import collections
 import copy
 import itertools
-from dataclasses import dataclass
+import typing
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,53 +32,14 @@ from torch.distributed.pipelining.schedules import PipelineScheduleMulti, Pipeli
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
+from qwen3_pretrain.config.layout import PP_FLAG, VIRTUAL_FLAG, stage_layer_counts
 from qwen3_pretrain.config.model import Qwen3Config
 from qwen3_pretrain.model.qwen3 import IGNORE_INDEX, Qwen3ForCausalLM, Qwen3Model, lm_head_loss
-from qwen3_pretrain.train.optim import clip_grad_norm_ as clip_parameters
 
-PP_FLAG = "--pipeline-model-parallel-size"
-NUM_LAYER_LIST_FLAG = "--num-layer-list"
-VIRTUAL_FLAG = "--num-layers-per-virtual-pipeline-stage"
 SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved_1f1b": ScheduleInterleaved1F1B}
 
 
 # ---- splitting -------------------------------------------------------------------------------------
-
-
-def virtual_pipeline_stages(num_layers: int, pp_size: int, num_layers_per_virtual_stage: int) -> int:
-    """Stages per rank for `--num-layers-per-virtual-pipeline-stage` (Megatron's interleaving flag)."""
-    if pp_size < 1 or num_layers_per_virtual_stage < 1 or num_layers % (pp_size * num_layers_per_virtual_stage):
-        raise ValueError(
-            f"{VIRTUAL_FLAG} {num_layers_per_virtual_stage} x {PP_FLAG} {pp_size} must divide the model's "
-            f"{num_layers} layers; pick sizes whose product divides it"
-        )
-    return num_layers // (pp_size * num_layers_per_virtual_stage)
-
-
-def stage_layer_counts(
-    num_layers: int, pp_size: int, virtual_stages: int = 1, num_layer_list: list[int] | None = None
-) -> list[int]:
-    """Number of decoder layers of every pipeline stage, in stage order (stage s runs on pp rank s % pp_size)."""
-    if pp_size < 1:
-        raise ValueError(f"{PP_FLAG} must be >= 1, got {pp_size}")
-    if virtual_stages < 1:
-        raise ValueError(f"virtual pipeline stages per rank must be >= 1, got {virtual_stages}")
-    if virtual_stages > 1 and pp_size < 2:
-        raise ValueError(f"{VIRTUAL_FLAG} (interleaved pipeline) needs {PP_FLAG} >= 2, got {pp_size}")
-    num_stages = pp_size * virtual_stages
-    if num_layer_list is not None:
-        if len(num_layer_list) != num_stages or sum(num_layer_list) != num_layers or min(num_layer_list) < 1:
-            raise ValueError(
-                f"{NUM_LAYER_LIST_FLAG} {','.join(map(str, num_layer_list))} must give {num_stages} positive layer "
-                f"counts (one per pipeline stage) summing to the model's {num_layers} layers"
-            )
-        return list(num_layer_list)
-    if num_layers % num_stages:
-        raise ValueError(
-            f"the model's {num_layers} layers do not split evenly into {num_stages} pipeline stages "
-            f"({PP_FLAG} {pp_size} x {virtual_stages} virtual stages); change {PP_FLAG} or pass {NUM_LAYER_LIST_FLAG}"
-        )
-    return [num_layers // num_stages] * num_stages
 
 
 class PipelineStageModule(nn.Module):
@@ -105,7 +67,9 @@ class PipelineStageModule(nn.Module):
         if self.lm_head is None:
             return hidden
         if not self.labels:
-            raise RuntimeError("the last pipeline stage has no labels for this micro batch: run it through PipelineSchedule")
+            raise RuntimeError(
+                "the last pipeline stage has no labels for this micro batch: run it through PipelineSchedule"
+            )
         loss = lm_head_loss(hidden, self.lm_head, self.labels.popleft(), self.loss_chunk_tokens, "sum")
         return _local(loss)  # a replicated DTensor under loss_parallel
 
@@ -165,29 +129,41 @@ class StagesView(nn.Module):
     embedding appears as `model.embed_tokens.weight` (as in a tied single-process model, it is
     `lm_head.weight` too): saved under those names (DCP keeps one of the equal copies) and loaded
     from them, which lets a checkpoint move between PP and non-PP layouts.
-    Not callable: run the stages through the pipeline schedule.
+    Holds no forward: the trainer runs the stages through the pipeline schedule.
     """
 
     def __init__(self, stages: list[PipelineStageModule]) -> None:
         super().__init__()
         self.config = stages[0].config
-        self.model = nn.Module()
-        self.model.layers = nn.ModuleDict()
+        decoder, layers = nn.Module(), nn.ModuleDict()
+        self.model = decoder  # registered before lm_head: a shared tied weight is named model.embed_tokens.weight
+        decoder.add_module("layers", layers)
         for stage in stages:
-            self.model.layers.update(stage.model.layers)
+            layers.update(dict(stage.model.layers.items()))
             for name in ("embed_tokens", "norm"):
                 if getattr(stage.model, name) is not None:
-                    setattr(self.model, name, getattr(stage.model, name))
+                    decoder.add_module(name, getattr(stage.model, name))
             if stage.holds_tied_head_copy():
-                self.model.embed_tokens = stage.lm_head
+                decoder.add_module("embed_tokens", stage.lm_head)
             if stage.lm_head is not None:
                 self.lm_head = stage.lm_head
+
+
+def as_one_module(model_parts: list[nn.Module]) -> nn.Module:
+    """This rank's parameters under their global HF names, for the optimizer, weight loading and checkpoints:
+    the model itself without pipeline parallelism, else a `StagesView` of its stages."""
+    if len(model_parts) == 1 and not isinstance(model_parts[0], PipelineStageModule):
+        return model_parts[0]
+    stages = [part for part in model_parts if isinstance(part, PipelineStageModule)]
+    if len(stages) != len(model_parts):
+        raise TypeError("model parts must be one whole model or pipeline stages (PipelineStageModule)")
+    return StagesView(stages)
 
 
 # ---- tied embedding across the first and last stage -------------------------------------------------
 
 
-def _group_of(pp: dist.ProcessGroup | DeviceMesh) -> dist.ProcessGroup:
+def group_of(pp: dist.ProcessGroup | DeviceMesh) -> dist.ProcessGroup:
     return pp.get_group() if isinstance(pp, DeviceMesh) else pp
 
 
@@ -198,7 +174,7 @@ def tied_embedding_group(
 
     Call once at setup on every pp rank; returns None where there is nothing to synchronise.
     """
-    pp_group = _group_of(pp)
+    pp_group = group_of(pp)
     pp_size = dist.get_world_size(pp_group)
     if not stages[0].config.tie_word_embeddings or pp_size == 1:
         return None
@@ -208,13 +184,13 @@ def tied_embedding_group(
     return dist.new_group(ends, use_local_synchronization=True)
 
 
-def _tied_weights(stages: list[PipelineStageModule]) -> list[nn.Parameter]:
+def _tied_weights(stages: list[PipelineStageModule]) -> list[torch.Tensor]:
     """This rank's copies of the tied embedding: the first stage's embedding and/or the last stage's lm_head."""
     weights = []
     for stage in stages:
         if stage.model.embed_tokens is not None:
             weights.append(stage.model.embed_tokens.weight)
-        if stage.holds_tied_head_copy():
+        if stage.holds_tied_head_copy() and stage.lm_head is not None:
             weights.append(stage.lm_head.weight)
     return weights
 
@@ -251,7 +227,7 @@ class TokenMeanLoss:
     of the whole step), so the micro-batch losses add up to the mean over all tokens of the step."""
 
     def __init__(self) -> None:
-        self.scale: float | None = None
+        self.scale: float | torch.Tensor | None = None
 
     def __call__(self, loss_sum: torch.Tensor, _labels: torch.Tensor) -> torch.Tensor:
         if self.scale is None:
@@ -270,7 +246,8 @@ class PipelineSchedule:
     n_microbatches: int
 
     def step(
-        self, input_ids: torch.Tensor, labels: torch.Tensor, num_tokens: float | None = None, loss_scale: float = 1.0
+        self, input_ids: torch.Tensor, labels: torch.Tensor, num_tokens: float | None = None,
+        loss_scale: float | torch.Tensor = 1.0,
     ) -> torch.Tensor:
         """Forward + backward of a batch [b, s] split into the micro batches; returns the mean loss on every pp rank.
 
@@ -292,10 +269,12 @@ class PipelineSchedule:
         """Forward only (evaluation): the summed token loss of the batch [b, s], on every pp rank."""
         return self._run(self.schedule.eval, input_ids, labels, 1.0)
 
-    def _run(self, run: Callable[..., Any], input_ids: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor:
+    def _run(
+        self, run: Callable[..., Any], input_ids: torch.Tensor, labels: torch.Tensor, scale: float | torch.Tensor
+    ) -> torch.Tensor:
         """Run the schedule with micro-batch losses scaled by `scale`; their sum, broadcast from the last stage."""
         self.loss_fn.scale = scale
-        last_stages = [stage.submod for stage in self.stages if stage.is_last]
+        last_stages = [typing.cast(PipelineStageModule, stage.submod) for stage in self.stages if stage.is_last]
         for module in last_stages:
             module.labels.extend(torch.tensor_split(labels, self.n_microbatches))  # as the schedule splits inputs
         losses: list[torch.Tensor] = []
@@ -326,7 +305,7 @@ class MicroBatchShape:
     hidden_dtype: torch.dtype
     sequence_shards: int = 1
 
-    def stage_io(self, config: Qwen3Config, first: bool, last: bool) -> dict[str, torch.Tensor | None]:
+    def stage_io(self, config: Qwen3Config, first: bool, last: bool) -> dict[str, Any]:
         """Meta tensors of a stage's input, output and their gradients, as PipelineStage's keyword arguments."""
         hidden = torch.empty(self.batch, self.seq // self.sequence_shards, config.hidden_size,
                              dtype=self.hidden_dtype, device="meta", requires_grad=True)
@@ -362,7 +341,7 @@ def build_pipeline_schedule(
             f"schedule {schedule!r} got {len(stages)} stage(s) on this rank: interleaved_1f1b needs virtual "
             f"stages ({VIRTUAL_FLAG}), 1f1b and gpipe need exactly one"
         )
-    group = _group_of(pp)
+    group = group_of(pp)
     pp_rank, pp_size = dist.get_rank(group), dist.get_world_size(group)
     if n_microbatches < 1:
         raise ValueError(f"number of micro batches must be >= 1, got {n_microbatches}")
@@ -388,19 +367,8 @@ def norm_parameters(stages: list[nn.Module]) -> list[nn.Parameter]:
     """This rank's parameters for the gradient norm: a tied embedding counts once across the pipeline."""
     counted = []
     for stage in stages:
-        is_copy = isinstance(stage, PipelineStageModule) and stage.holds_tied_head_copy()
-        copy_of_embedding = stage.lm_head.weight if is_copy else None
+        copy_of_embedding = None
+        if isinstance(stage, PipelineStageModule) and stage.holds_tied_head_copy() and stage.lm_head is not None:
+            copy_of_embedding = stage.lm_head.weight
         counted += [p for p in stage.parameters() if p is not copy_of_embedding]
     return counted
-
-
-def clip_grad_norm_(
-    stages: list[nn.Module], max_norm: float, pp: dist.ProcessGroup | DeviceMesh | None = None
-) -> torch.Tensor:
-    """Clip the gradients of all stages by the global L2 norm over DTensor shards and pipeline ranks; return that norm.
-
-    Works for a plain (non-pipelined) model too: pass `[model]` and no group.
-    """
-    everything = [p for stage in stages for p in stage.parameters()]
-    group = _group_of(pp) if pp is not None else None
-    return clip_parameters(everything, max_norm, counted=norm_parameters(stages), group=group)

@@ -29,6 +29,14 @@ import math
 import sys
 from dataclasses import dataclass
 
+from qwen3_pretrain.config.layout import (
+    SEQUENCE_PARALLEL_FLAG,
+    TP_FLAG,
+    check_batch_split,
+    check_tensor_parallel,
+    sequence_parallel_ignored,
+    stage_layer_counts,
+)
 from qwen3_pretrain.config.model import ConfigError, Qwen3Config, get_preset
 from qwen3_pretrain.model.qwen3 import DEFAULT_LOSS_CHUNK_TOKENS
 
@@ -186,7 +194,7 @@ def _loss_bytes(
     c, h = compute_bytes, cfg.hidden_size
     final_norm = _norm_bytes(cfg, layout, c) * tokens
     vocab = cfg.vocab_size / layout.tp
-    if not _chunked_loss(layout, loss_chunk_tokens):
+    if loss_chunk_tokens is None or not _chunked_loss(layout, loss_chunk_tokens):
         per_logit = 12 + (4 if layout.tp > 1 else 0) + (c if c != 4 else 0)
         return final_norm + per_logit * tokens * vocab
     chunk = min(tokens, loss_chunk_tokens)
@@ -303,23 +311,15 @@ def estimate_step_time(
 
 
 def validate_layout(cfg: Qwen3Config, layout: Layout, global_batch_size: int) -> str | None:
-    """The reason this layout is impossible, naming the flag to change, or None."""
-    tp_flag, pp_flag = "--tensor-model-parallel-size", "--pipeline-model-parallel-size"
-    if cfg.num_attention_heads % layout.tp:
-        return f"{tp_flag} {layout.tp} must divide num attention heads {cfg.num_attention_heads}"
-    if cfg.num_key_value_heads % layout.tp:
-        return f"{tp_flag} {layout.tp} must divide num query groups (kv heads) {cfg.num_key_value_heads}"
-    if cfg.vocab_size % layout.tp:
-        return f"{tp_flag} {layout.tp} must divide the vocabulary size {cfg.vocab_size}"
-    if cfg.num_hidden_layers % layout.pp:
-        return f"{pp_flag} {layout.pp} must divide num layers {cfg.num_hidden_layers} (or pass --num-layer-list)"
-    if global_batch_size % (layout.micro_batch_size * layout.dp):
-        return (
-            f"--global-batch-size {global_batch_size} must be divisible by --micro-batch-size "
-            f"{layout.micro_batch_size} x data-parallel size {layout.dp}"
-        )
-    if layout.sequence_parallel and layout.tp == 1:
-        return "--sequence-parallel needs --tensor-model-parallel-size > 1"
+    """The reason this layout is impossible, naming the flag to change, or None (`config.layout`'s rules)."""
+    if sequence_parallel_ignored(layout.sequence_parallel, layout.tp):
+        return f"{SEQUENCE_PARALLEL_FLAG} does nothing at {TP_FLAG} 1 (train turns it off): plan the layout without it"
+    try:
+        check_tensor_parallel(cfg, layout.tp)
+        stage_layer_counts(cfg.num_hidden_layers, layout.pp)
+        check_batch_split(global_batch_size, layout.micro_batch_size, layout.dp)
+    except ConfigError as exc:
+        return str(exc)
     return None
 
 

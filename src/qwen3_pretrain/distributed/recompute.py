@@ -18,7 +18,8 @@ checkpoints and optimizer-state names do not depend on whether recompute is on.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -40,7 +41,7 @@ def _selective_contexts() -> tuple[Any, Any]:
     return create_selective_checkpoint_contexts(_keep_matmul_outputs)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _checkpointed_class(block_class: type[nn.Module], granularity: str) -> type[nn.Module]:
     """A subclass of `block_class` whose forward is activation-checkpointed."""
     context_fn: Callable[[], tuple[Any, Any]] | None = _selective_contexts if granularity == "selective" else None
@@ -75,4 +76,6 @@ def apply_activation_checkpointing(model: nn.Module, granularity: Granularity) -
     for block in transformer_blocks(model):
         if hasattr(block, "recompute_granularity"):
             raise RuntimeError(f"activation checkpointing is already applied to {type(block).__name__}")
-        block.__class__ = _checkpointed_class(type(block), granularity)
+        # A class is hashable, but typeshed's functools.cache wants `Hashable` arguments, and mypy checks a class
+        # object against that protocol through its unbound `__hash__(self)`, which it then rejects.
+        block.__class__ = _checkpointed_class(type(block), granularity)  # type: ignore[arg-type]

@@ -23,7 +23,7 @@ Plan per decoder block (Megatron's split, written with `torch.distributed.tensor
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -40,35 +40,12 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.distributed.tensor.parallel import loss_parallel as _torch_loss_parallel
 
+from qwen3_pretrain.config.layout import check_tensor_parallel
 from qwen3_pretrain.config.model import Qwen3Config
+from qwen3_pretrain.model.qwen3 import Qwen3Model
 
-TP_FLAG = "--tensor-model-parallel-size"
 _HEAD_DIM = 2  # q_proj(x).view(b, s, heads, head_dim): q_norm/k_norm see heads on dim 2
 _SEQUENCE = Shard(1)  # hidden states [b, s, hidden] sharded on the sequence dim
-
-
-def validate_tensor_parallel_size(
-    config: Qwen3Config, tp_size: int, sequence_parallel: bool = False, seq_length: int | None = None
-) -> None:
-    """Raise ValueError naming the flag when the model (or the sequence) cannot be split `tp_size` ways."""
-    if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1:
-        raise ValueError(f"{TP_FLAG} must be a positive integer, got {tp_size!r}")
-    checks = (
-        ("num_attention_heads", config.num_attention_heads),
-        ("num_key_value_heads", config.num_key_value_heads),
-        ("vocab_size", config.vocab_size),
-    )
-    for name, value in checks:
-        if value % tp_size:
-            raise ValueError(
-                f"{TP_FLAG} {tp_size} does not divide the model's {name} ({value}); "
-                f"choose a tensor-parallel size that divides {name}"
-            )
-    if sequence_parallel and seq_length is not None and seq_length % tp_size:
-        raise ValueError(
-            f"--sequence-parallel needs --seq-length ({seq_length}) divisible by {TP_FLAG} {tp_size}; "
-            "change one of them or drop --sequence-parallel"
-        )
 
 
 class _ReplicatedParallel(ParallelStyle):
@@ -82,11 +59,25 @@ class _ReplicatedParallel(ParallelStyle):
         return distribute_module(
             module,
             device_mesh,
-            input_fn=lambda _module, inputs, mesh: tuple(
+            # torch annotates input_fn as returning None, but installs it as a forward pre-hook, whose
+            # return value (the DTensor inputs here) replaces the inputs.
+            input_fn=lambda _module, inputs, mesh: tuple(  # type: ignore[arg-type]
                 DTensor.from_local(x, mesh, [Replicate()], run_check=False) for x in inputs
             ),
             output_fn=lambda _module, output, _mesh: output.to_local(),
         )
+
+
+def _causal_lm_parts(model: nn.Module) -> tuple[Qwen3Config, Qwen3Model, nn.Linear | None]:
+    """(config, decoder `model.model`, `lm_head`) of a Qwen3ForCausalLM or of a pipeline stage cut from one."""
+    config, decoder, head = model.config, model.model, model.lm_head
+    if not (
+        isinstance(config, Qwen3Config)
+        and isinstance(decoder, Qwen3Model)
+        and (head is None or isinstance(head, nn.Linear))
+    ):
+        raise TypeError(f"{type(model).__name__} is neither a Qwen3ForCausalLM nor a pipeline stage of one")
+    return config, decoder, head
 
 
 def _block_plan(sequence_parallel: bool) -> dict[str, ParallelStyle]:
@@ -129,7 +120,8 @@ def _block_plan(sequence_parallel: bool) -> dict[str, ParallelStyle]:
 
 def _outer_plan(model: nn.Module, sequence_parallel: bool, loss_parallel: bool) -> dict[str, ParallelStyle]:
     """Parallel styles for the embedding, final norm and LM head, those present on `model` (or stage)."""
-    embed, norm, head = model.model.embed_tokens, model.model.norm, model.lm_head
+    _, decoder, head = _causal_lm_parts(model)
+    embed, norm = decoder.embed_tokens, decoder.norm
     residual = _SEQUENCE if sequence_parallel else Replicate()
     plan: dict[str, ParallelStyle] = {}
     if embed is not None:
@@ -149,10 +141,11 @@ def _outer_plan(model: nn.Module, sequence_parallel: bool, loss_parallel: bool) 
 
 def _stage_boundary_styles(model: nn.Module) -> list[ParallelStyle]:
     """With sequence parallel, a pipeline stage receives / sends its local sequence shard as a plain tensor."""
+    _, decoder, _ = _causal_lm_parts(model)
     styles: list[ParallelStyle] = []
-    if model.model.embed_tokens is None:
+    if decoder.embed_tokens is None:
         styles.append(PrepareModuleInput(input_layouts=(_SEQUENCE,), desired_input_layouts=(_SEQUENCE,)))
-    if model.model.norm is None:
+    if decoder.norm is None:
         styles.append(PrepareModuleOutput(output_layouts=_SEQUENCE, desired_output_layouts=_SEQUENCE))
     return styles
 
@@ -167,17 +160,19 @@ def apply_tensor_parallel(
     """
     if tp_mesh.ndim != 1:
         raise ValueError(f"apply_tensor_parallel needs a 1-D tensor-parallel mesh, got {tp_mesh.ndim} dims")
-    validate_tensor_parallel_size(model.config, tp_mesh.size())
+    config, decoder, head = _causal_lm_parts(model)  # modules changed in place below, never replaced
+    check_tensor_parallel(config, tp_mesh.size())
     tied = _tied_embeddings(model)
     parallelize_module(model, tp_mesh, _outer_plan(model, sequence_parallel, loss_parallel))
     if sequence_parallel:
         for style in _stage_boundary_styles(model):
-            parallelize_module(model.model, tp_mesh, style)
+            parallelize_module(decoder, tp_mesh, style)
     block_plan = _block_plan(sequence_parallel)
-    for block in model.model.layers.values():
+    for block in decoder.layers.values():
         parallelize_module(block, tp_mesh, block_plan)
     if tied:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        assert head is not None and decoder.embed_tokens is not None  # as _tied_embeddings found
+        head.weight = decoder.embed_tokens.weight
     for param in model.parameters():
         param.register_post_accumulate_grad_hook(_grad_to_param_placements)
 
@@ -193,13 +188,14 @@ def _grad_to_param_placements(param: torch.Tensor) -> None:
     the parameters, so these hooks only act without it; FSDP2 does the same redistribution itself.)
     """
     grad = param.grad
-    if isinstance(grad, DTensor) and grad.placements != param.placements:
+    if isinstance(grad, DTensor) and isinstance(param, DTensor) and grad.placements != param.placements:
         param.grad = grad.redistribute(param.device_mesh, param.placements)
 
 
 def _tied_embeddings(model: nn.Module) -> bool:
     """True when this module holds both embed_tokens and lm_head and they share one Parameter."""
-    embed, head = model.model.embed_tokens, model.lm_head
+    _, decoder, head = _causal_lm_parts(model)
+    embed = decoder.embed_tokens
     return embed is not None and head is not None and head.weight is embed.weight
 
 

@@ -1,28 +1,31 @@
 """The device kernels of a Qwen3 block behind one dispatch point: linear, rms_norm, apply_rotary, swiglu, attention.
 
-Backends, chosen once per process at import from `distributed.device.device_type()`:
+The kernel choice is a value the model carries, not process state: a frozen `KernelOptions` given to
+`Qwen3ForCausalLM(config, kernels=...)`, kept by every block that calls a kernel and passed to each call
+(deep copies, such as pipeline stages, keep it). `torch.compile` traces only the branch the options and
+the tensors' device pick, and guards on them. Backends (`KernelOptions.backend`):
 
-- ``"torch"`` (CPU, CUDA): the reference PyTorch math with HF transformers' numerics. Attention is
-  `F.scaled_dot_product_attention`, which picks the flash / memory-efficient / math kernel itself.
-- ``"npu"`` (Ascend, when torch_npu imports): torch_npu's fused kernels `npu_rms_norm`,
-  `npu_rotary_mul`, `npu_swiglu` and `npu_fusion_attention`. DTensor inputs (tensor parallel) take
-  the reference path, because those ops have no DTensor sharding rules.
+- ``"torch"``: the reference PyTorch math with HF transformers' numerics. Attention is
+  `F.scaled_dot_product_attention` with its kernels in the order `KernelOptions.attention` asks for.
+- ``"npu"`` (Ascend): torch_npu's fused kernels `npu_rms_norm`, `npu_rotary_mul`, `npu_swiglu` and
+  `npu_fusion_attention`; torch_npu is imported on first use.
+- None (the default): "npu" for tensors on an Ascend device, else "torch", decided at each call.
 
-bf16 on a CPU without fast bf16 matmuls: torch sends CPU bf16 matmuls to oneDNN only where the CPU
-has AVX512 or AMX (`torch.ops.mkldnn._is_mkldnn_bf16_supported()`); elsewhere (AVX2) its fallback
-gemm and the bf16 flash attention run 6-100x slower than float32. There `linear` and `attention`
-compute bf16 work (bf16 operands, or autocast to bf16) as float32 matmuls of the bf16-rounded
-operands and round the result to bf16: the numerics of a bf16 kernel that accumulates in float32, at
-float32 speed. Backward saves the bf16 operands, so memory stays that of bf16. `bf16_via_float32`
-tells other matmul code (the chunked LM-head loss) to do the same.
+DTensor inputs (tensor parallel) always take the reference path, because the torch_npu ops have no DTensor
+sharding rules.
 
-`select_backend(name)` overrides the choice (tests, or to rule a fused kernel out). The choice is a
-module global, so `torch.compile` traces only the selected branch and guards on it.
+`KernelOptions.attention` (`--attention-backend`, Megatron's names) orders the SDPA kernels of the torch
+backend: "flash" (FlashAttention-2), "fused" (cuDNN), "efficient" (memory-efficient) put that kernel first
+and keep torch's others as fallbacks for inputs it cannot take; "unfused" is the math reference alone;
+"auto" leaves torch's own order. Ascend's npu_fusion_attention is not affected.
 
-`select_attention_backend(name)` (`--attention-backend`, Megatron's names) orders the SDPA kernels of
-the torch backend: "flash" (FlashAttention-2), "fused" (cuDNN), "efficient" (memory-efficient) put
-that kernel first and keep torch's others as fallbacks for inputs it cannot take; "unfused" is the
-math reference alone; "auto" leaves torch's own order. Ascend's npu_fusion_attention is not affected.
+bf16 on a CPU without fast bf16 matmuls, a property of the hardware (`cpu_has_fast_bf16_matmul`, queried
+once; tests monkeypatch it): torch sends CPU bf16 matmuls to oneDNN only where the CPU has AVX512 or AMX;
+elsewhere (AVX2) its fallback gemm and the bf16 flash attention run 6-100x slower than float32. There
+`linear` and `attention` compute bf16 work (bf16 operands, or autocast to bf16) as float32 matmuls of the
+bf16-rounded operands and round the result to bf16: the numerics of a bf16 kernel that accumulates in
+float32, at float32 speed. Backward saves the bf16 operands, so memory stays that of bf16.
+`bf16_via_float32` tells other matmul code (the chunked LM-head loss) to do the same.
 
 Layout everywhere: q/k/v [batch, seq, heads, head_dim] ("BSND"); cos/sin [batch (or 1), seq, head_dim].
 """
@@ -30,16 +33,15 @@ Layout everywhere: q/k/v [batch, seq, heads, head_dim] ("BSND"); cos/sin [batch 
 from __future__ import annotations
 
 import contextlib
-import importlib
+import functools
+from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
-
-from qwen3_pretrain.distributed.device import device_type
 
 BACKENDS = ("torch", "npu")
 # npu_fusion_attention's causal mode (sparse_mode 2, top-left aligned; equal to 3 when q and kv have the
@@ -65,62 +67,64 @@ ATTENTION_BACKENDS: dict[str, list[SDPBackend] | None] = {
     "unfused": [SDPBackend.MATH],
 }
 
-_backend: str = "torch"
-_sdpa_order: list[SDPBackend] | None = None
-_torch_npu: ModuleType | None = None
-_npu_causal_masks: dict[torch.device, torch.Tensor] = {}
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """The kernels a model runs (see the module doc).
+
+    backend: "torch", "npu", or None to pick from the tensors' device at each call.
+    attention: the `--attention-backend` name ordering the torch backend's SDPA kernels (`ATTENTION_BACKENDS`).
+    """
+
+    backend: Literal["torch", "npu"] | None = None
+    attention: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ValueError(f"unknown kernel backend {self.backend!r}; use one of {', '.join(BACKENDS)}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"unknown attention backend {self.attention!r}; use one of {', '.join(ATTENTION_BACKENDS)}"
+            )
+
+    def backend_for(self, device: torch.device) -> str:
+        """The backend for tensors on `device`: `backend`, or when None "npu" on an Ascend device, else "torch"."""
+        if self.backend is not None:
+            return self.backend
+        return "npu" if device.type == "npu" else "torch"
 
 
-def _cpu_has_fast_bf16_matmul() -> bool:
-    """Whether torch runs CPU bf16 matmuls with oneDNN (AVX512 / AMX / Arm bf16) rather than its slow fallback."""
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return bool(check()) if check is not None else True
+DEFAULT_KERNELS = KernelOptions()  # backend from the tensors' device, torch's SDPA order
 
 
-# True where CPU bf16 matmuls and attention run as float32 computations of bf16 operands (see above).
-_cpu_bf16_via_float32: bool = not _cpu_has_fast_bf16_matmul()
-
-
-def select_backend(name: str | None = None) -> str:
-    """Use kernel backend `name` ('torch' or 'npu') from now on; None picks from the device. Returns it."""
-    global _backend, _torch_npu
-    if name is None:
-        name = "npu" if device_type() == "npu" else "torch"
-    if name not in BACKENDS:
-        raise ValueError(f"unknown kernel backend {name!r}; use one of {', '.join(BACKENDS)}")
-    _torch_npu = importlib.import_module("torch_npu") if name == "npu" else None
-    _backend = name
-    _npu_causal_masks.clear()
-    return name
-
-
-def select_attention_backend(name: str = "auto") -> str:
-    """Order the SDPA kernels as `--attention-backend name` asks (see the module doc). Returns name."""
-    global _sdpa_order
-    if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; use one of {', '.join(ATTENTION_BACKENDS)}")
-    _sdpa_order = ATTENTION_BACKENDS[name]
-    return name
-
-
-def active_backend() -> str:
-    """The kernel backend in use: 'torch' or 'npu'."""
-    return _backend
-
-
-def _npu_for(*tensors: torch.Tensor) -> ModuleType | None:
-    """torch_npu when the npu backend is active and no input is a DTensor, else None (reference path)."""
-    if _torch_npu is None or any(isinstance(t, DTensor) for t in tensors):
+def _npu_for(options: KernelOptions, *tensors: torch.Tensor) -> ModuleType | None:
+    """torch_npu when `options` pick the npu backend for `tensors` and none is a DTensor, else None (reference path)."""
+    if any(isinstance(t, DTensor) for t in tensors) or options.backend_for(tensors[0].device) != "npu":
         return None
-    return _torch_npu
+    import torch_npu  # an import statement, not importlib: torch.compile traces it without a graph break
+
+    return torch_npu
 
 
 # ---- matmuls --------------------------------------------------------------------------------------
 
 
+@torch.compiler.assume_constant_result  # torch.compile takes the answer as a constant instead of tracing it
+def cpu_has_fast_bf16_matmul() -> bool:
+    """Whether torch runs CPU bf16 matmuls with oneDNN (AVX512 / AMX / Arm bf16) rather than its slow fallback."""
+    return _cpu_has_fast_bf16_matmul()
+
+
+@functools.cache
+def _cpu_has_fast_bf16_matmul() -> bool:
+    """`cpu_has_fast_bf16_matmul`, asked of torch once."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check()) if check is not None else True
+
+
 def bf16_via_float32(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether `dtype` matmuls on `device` run as float32 matmuls of bf16-rounded operands (see the module doc)."""
-    return _cpu_bf16_via_float32 and device.type == "cpu" and dtype == torch.bfloat16
+    return device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_fast_bf16_matmul()
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -145,12 +149,12 @@ class _Bf16LinearViaFloat32(torch.autograd.Function):
     """x [..., in] @ weight [out, in].T for bf16 x and weight, each matmul (forward and both grads) in float32."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, weight)  # bf16: the memory a bf16 kernel's backward keeps
         return _float32_matmul_rounded(x, weight.T)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         x, weight = ctx.saved_tensors
         grad_x = _float32_matmul_rounded(grad, weight) if ctx.needs_input_grad[0] else None
         grad_weight = None
@@ -171,13 +175,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 # ---- RMSNorm -------------------------------------------------------------------------------------
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, options: KernelOptions = DEFAULT_KERNELS
+) -> torch.Tensor:
     """weight * (x / rms(x)) over the last dim; the rms in float32, cast back to x's dtype before scaling.
 
     On NPU the weight is cast to x's dtype first (npu_rms_norm needs equal dtypes), so the output
     has x's dtype; the reference path returns the promoted dtype of weight and x, as HF does.
     """
-    npu = _npu_for(x, weight)
+    npu = _npu_for(options, x, weight)
     if npu is not None:
         return npu.npu_rms_norm(x, weight.to(x.dtype), epsilon=eps)[0]
     x32 = x.float()
@@ -194,10 +200,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, options: KernelOptions = DEFAULT_KERNELS
+) -> torch.Tensor:
     """x * cos + rotate_half(x) * sin for x [b, s, heads, head_dim] and cos/sin [b, s, head_dim]."""
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [b, s, 1, head_dim]
-    npu = _npu_for(x, cos, sin)
+    npu = _npu_for(options, x, cos, sin)
     if npu is not None:  # npu_rotary_mul's default "half" mode is rotate_half; BSND x takes BS1D / 1S1D tables
         return npu.npu_rotary_mul(x, cos.to(x.dtype), sin.to(x.dtype))
     return x * cos + rotate_half(x) * sin
@@ -206,9 +214,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 # ---- SwiGLU --------------------------------------------------------------------------------------
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def swiglu(gate: torch.Tensor, up: torch.Tensor, options: KernelOptions = DEFAULT_KERNELS) -> torch.Tensor:
     """silu(gate) * up."""
-    npu = _npu_for(gate, up)
+    npu = _npu_for(options, gate, up)
     if npu is not None:  # npu_swiglu(x) = silu(first half of x) * second half
         return npu.npu_swiglu(torch.cat((gate, up), dim=-1), dim=-1)  # [..., 2 * ffn] -> [..., ffn]
     return F.silu(gate) * up
@@ -217,12 +225,14 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 # ---- attention -----------------------------------------------------------------------------------
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, options: KernelOptions = DEFAULT_KERNELS
+) -> torch.Tensor:
     """Causal grouped-query attention without dropout: q [b, s, heads, d], k/v [b, s, kv_heads, d] -> [b, s, heads, d].
 
     heads must be a multiple of kv_heads; each group of heads / kv_heads query heads shares one kv head.
     """
-    npu = _npu_for(q, k, v)
+    npu = _npu_for(options, q, k, v)
     if npu is not None:
         return npu.npu_fusion_attention(
             q, k, v, q.shape[2], "BSND",
@@ -231,13 +241,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
     if _computes_bf16_via_float32(q, k, v):  # bf16-rounded inputs, float32 attention, bf16 output
         with torch.autocast("cpu", enabled=False):
             q, k, v = (t.to(torch.bfloat16).float() for t in (q, k, v))
-            return _sdpa(q, k, v, scale).to(torch.bfloat16)
-    return _sdpa(q, k, v, scale)
+            return _sdpa(q, k, v, scale, options.attention).to(torch.bfloat16)
+    return _sdpa(q, k, v, scale, options.attention)
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal GQA `F.scaled_dot_product_attention` on BSND tensors, its kernels in `_sdpa_order`."""
-    with contextlib.nullcontext() if _sdpa_order is None else sdpa_kernel(_sdpa_order, set_priority=True):
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, attention: str) -> torch.Tensor:
+    """Causal GQA `F.scaled_dot_product_attention` on BSND tensors, its kernels ordered as `attention` names."""
+    order = ATTENTION_BACKENDS[attention]
+    with contextlib.nullcontext() if order is None else sdpa_kernel(order, set_priority=True):
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [b, (kv_)heads, s, d]
             is_causal=True, scale=scale, enable_gqa=q.shape[2] != k.shape[2],
@@ -245,14 +256,8 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> to
     return out.transpose(1, 2)  # [b, s, heads, d]
 
 
+@functools.cache
 def _npu_causal_mask(device: torch.device) -> torch.Tensor:
-    """The compressed causal mask npu_fusion_attention expects in sparse mode 2, one per device."""
-    mask = _npu_causal_masks.get(device)
-    if mask is None:
-        size = _NPU_CAUSAL_MASK_SIZE
-        mask = torch.ones(size, size, dtype=torch.bool, device=device).triu(diagonal=1)  # [2048, 2048]
-        _npu_causal_masks[device] = mask
-    return mask
-
-
-select_backend()
+    """The compressed causal mask npu_fusion_attention expects in sparse mode 2, built once per device."""
+    size = _NPU_CAUSAL_MASK_SIZE
+    return torch.ones(size, size, dtype=torch.bool, device=device).triu(diagonal=1)  # [2048, 2048]

@@ -2,8 +2,9 @@
 
 No parallel code here. Head counts are inferred from projection widths (`view(b, s, -1, head_dim)`),
 so tensor parallelism can shard heads from outside without touching these modules. The math of the
-projections, norms, RoPE, SwiGLU and attention goes through `model.kernels`, which picks the device's fused
-kernels. `DecoderLayer.forward` compiles with `torch.compile(fullgraph=True)` (no graph breaks).
+projections, norms, RoPE, SwiGLU and attention goes through `model.kernels`; the blocks that call a kernel
+with a choice keep the model's `KernelOptions` and pass them on. `DecoderLayer.forward` compiles with
+`torch.compile(fullgraph=True)` (no graph breaks).
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qwen3_pretrain.model import kernels
 from qwen3_pretrain.config.model import Qwen3Config
+from qwen3_pretrain.model import kernels as ops
+from qwen3_pretrain.model.kernels import KernelOptions
 
 
 class Linear(nn.Linear):
@@ -22,19 +24,20 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.weight)
+        return ops.linear(x, self.weight)
 
 
 class RMSNorm(nn.Module):
     """x / rms(x) computed in float32, cast back to the input dtype, then scaled by `weight`."""
 
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, kernels: KernelOptions) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.kernels = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.rms_norm(x, self.weight, self.eps)
+        return ops.rms_norm(x, self.weight, self.eps, self.kernels)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
@@ -77,49 +80,51 @@ class RotaryEmbedding(nn.Module):
 class Attention(nn.Module):
     """Causal grouped-query attention with per-head RMSNorm on q and k before RoPE."""
 
-    def __init__(self, config: Qwen3Config) -> None:
+    def __init__(self, config: Qwen3Config, kernels: KernelOptions) -> None:
         super().__init__()
         d, h = config.head_dim, config.hidden_size
         self.head_dim = d
+        self.kernels = kernels
         self.q_proj = Linear(h, config.num_attention_heads * d)
         self.k_proj = Linear(h, config.num_key_value_heads * d)
         self.v_proj = Linear(h, config.num_key_value_heads * d)
         self.o_proj = Linear(config.num_attention_heads * d, h)
-        self.q_norm = RMSNorm(d, config.rms_norm_eps)
-        self.k_norm = RMSNorm(d, config.rms_norm_eps)
+        self.q_norm = RMSNorm(d, config.rms_norm_eps, kernels)
+        self.k_norm = RMSNorm(d, config.rms_norm_eps, kernels)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(b, s, -1, self.head_dim))  # [b, s, heads, head_dim]
         k = self.k_norm(self.k_proj(x).view(b, s, -1, self.head_dim))  # [b, s, kv_heads, head_dim]
         v = self.v_proj(x).view(b, s, -1, self.head_dim)  # [b, s, kv_heads, head_dim]
-        q, k = kernels.apply_rotary(q, cos, sin), kernels.apply_rotary(k, cos, sin)
-        out = kernels.attention(q, k, v, scale=self.head_dim**-0.5)  # [b, s, heads, head_dim]
+        q, k = ops.apply_rotary(q, cos, sin, self.kernels), ops.apply_rotary(k, cos, sin, self.kernels)
+        out = ops.attention(q, k, v, self.head_dim**-0.5, self.kernels)  # [b, s, heads, head_dim]
         return self.o_proj(out.reshape(b, s, -1))  # [b, s, heads * head_dim] -> [b, s, hidden]
 
 
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, config: Qwen3Config) -> None:
+    def __init__(self, config: Qwen3Config, kernels: KernelOptions) -> None:
         super().__init__()
+        self.kernels = kernels
         self.gate_proj = Linear(config.hidden_size, config.intermediate_size)
         self.up_proj = Linear(config.hidden_size, config.intermediate_size)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x), self.kernels))
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x))."""
 
-    def __init__(self, config: Qwen3Config) -> None:
+    def __init__(self, config: Qwen3Config, kernels: KernelOptions) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
+        self.self_attn = Attention(config, kernels)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
+        self.mlp = MLP(config, kernels)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)

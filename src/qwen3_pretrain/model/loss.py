@@ -78,7 +78,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """loss(hidden [n, h] @ weight [v, h].T, labels [n]); gradients computed per chunk in forward."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         hidden: torch.Tensor,
         weight: torch.Tensor,
@@ -126,7 +126,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
-    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         if ctx.grads is None:
             raise RuntimeError(
                 "a second backward through the chunked LM-head loss (retain_graph=True) is not supported: its "

@@ -1,9 +1,12 @@
-"""Qwen3 causal language model in pure PyTorch, with HF module names and HF weights in and out.
+"""Qwen3 causal language model in pure PyTorch, with HF module names (its state dict is HF's layout).
 
-Build big models on the meta device and materialise them explicitly:
+Architecture only: the model is built from its config and the `KernelOptions` its blocks keep (which
+kernels they run, see `model.kernels`); reading and writing HF checkpoint directories lives in
+`checkpoint.hf` (`load_pretrained`, `save_pretrained`). Build big models on the meta device and
+materialise them explicitly:
 
     with torch.device("meta"):
-        model = Qwen3ForCausalLM(config)
+        model = Qwen3ForCausalLM(config, kernels=KernelOptions(attention="flash"))
     model.to_empty(device=device)
     model.tie_weights()   # to_empty replaces every parameter, which unties lm_head from embed_tokens
     model.init_weights(std=0.01)
@@ -21,26 +24,18 @@ then the LM head and cross entropy run fused over chunks of `model.loss_chunk_to
 
 from __future__ import annotations
 
-import dataclasses
-import os
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
-from pathlib import Path
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from qwen3_pretrain.checkpoint.hf import (
-    DEFAULT_MAX_SHARD_BYTES,
-    HFCheckpointError,
-    iter_hf_tensors,
-    save_hf_state_dict,
-)
 from qwen3_pretrain.config.model import Qwen3Config
+from qwen3_pretrain.model.kernels import DEFAULT_KERNELS, KernelOptions
 from qwen3_pretrain.model.layers import DecoderLayer, Linear, RMSNorm, RotaryEmbedding
-# IGNORE_INDEX is also imported from here (trainer, pipeline).
-from qwen3_pretrain.model.loss import IGNORE_INDEX, LossReduction, causal_lm_loss, chunked_lm_head_loss
+from qwen3_pretrain.model.loss import IGNORE_INDEX as IGNORE_INDEX  # re-exported: trainer, pipeline
+from qwen3_pretrain.model.loss import LossReduction, causal_lm_loss, chunked_lm_head_loss
 
 # Tokens per chunk of the fused LM head + cross entropy: a chunk's float32 logits take
 # 4 x 1024 x 151,936 bytes = 0.6 GB for the real vocabulary, instead of 2.5 GB per 4096 tokens.
@@ -59,11 +54,11 @@ class CausalLMOutput(NamedTuple):
 class Qwen3Model(nn.Module):
     """Embedding, decoder layers and final norm (HF `model.*`)."""
 
-    def __init__(self, config: Qwen3Config) -> None:
+    def __init__(self, config: Qwen3Config, kernels: KernelOptions) -> None:
         super().__init__()
         self.embed_tokens: nn.Embedding | None = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(config) for i in range(config.num_hidden_layers)})
-        self.norm: RMSNorm | None = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(config, kernels) for i in range(config.num_hidden_layers)})
+        self.norm: RMSNorm | None = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
 
     def forward(self, inputs: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -154,14 +149,15 @@ class Qwen3ForCausalLM(nn.Module):
     """Qwen3 decoder + LM head; `state_dict()` keys equal HF's (plus `lm_head.weight` when tied).
 
     Construction on a real device initialises weights with `init_weights()`; on meta it does not.
+    `kernels` picks the kernels every block runs (default: from the tensors' device, torch's SDPA order).
     `loss_chunk_tokens` (int or None) selects how a loss-only forward computes the loss; see `forward`.
     """
 
-    def __init__(self, config: Qwen3Config) -> None:
+    def __init__(self, config: Qwen3Config, kernels: KernelOptions = DEFAULT_KERNELS) -> None:
         super().__init__()
         self.config = config
         self.loss_chunk_tokens: int | None = DEFAULT_LOSS_CHUNK_TOKENS
-        self.model = Qwen3Model(config)
+        self.model = Qwen3Model(config, kernels)
         self.lm_head: nn.Linear | None = Linear(config.hidden_size, config.vocab_size)
         self.tie_weights()
         if not self.lm_head.weight.is_meta:  # meta tensors hold no values; materialise, then init_weights()
@@ -214,7 +210,9 @@ class Qwen3ForCausalLM(nn.Module):
         if self.lm_head is None:
             return hidden
         if labels is not None and not return_logits:
-            return CausalLMOutput(None, lm_head_loss(hidden, self.lm_head, labels, self.loss_chunk_tokens, loss_reduction))
+            return CausalLMOutput(
+                None, lm_head_loss(hidden, self.lm_head, labels, self.loss_chunk_tokens, loss_reduction)
+            )
         logits = self.lm_head(hidden)  # [b, s, vocab]
         loss = causal_lm_loss(logits, labels, loss_reduction) if labels is not None else None
         return CausalLMOutput(logits, loss)
@@ -259,7 +257,7 @@ class Qwen3ForCausalLM(nn.Module):
                 break
         return tokens
 
-    # ---- HF weights ------------------------------------------------------------------------------
+    # ---- HF layout -------------------------------------------------------------------------------
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """The state dict in HF's layout: like `state_dict()` but without `lm_head.weight` when tied."""
@@ -267,58 +265,6 @@ class Qwen3ForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             state.pop(LM_HEAD_KEY, None)
         return state
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        directory: str | os.PathLike[str],
-        dtype: torch.dtype | None = None,
-        device: str | torch.device = "cpu",
-    ) -> "Qwen3ForCausalLM":
-        """Load an HF Qwen3 directory (config.json + single or sharded safetensors).
-
-        dtype None means the config's `torch_dtype`. Builds on meta and copies one tensor at a time.
-        Keys must match exactly (HFCheckpointError lists missing/unexpected ones), except that a tied
-        model accepts an `lm_head.weight` equal to the embedding (some exporters write the copy);
-        one that differs is refused, since the config's `tie_word_embeddings` would then be wrong.
-        """
-        config = Qwen3Config.from_pretrained(directory)
-        dtype = getattr(torch, config.torch_dtype) if dtype is None else dtype
-        with torch.device("meta"):
-            model = cls(config)
-        model.to(dtype).to_empty(device=device)
-        model.tie_weights()
-        model.model.rotary_emb.reset_parameters()
-        model._load_hf_tensors(Path(directory), iter_hf_tensors(directory, dtype))
-        return model
-
-    def _load_hf_tensors(self, directory: Path, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
-        """Copy named tensors into the parameters, checking names and shapes strictly."""
-        targets = self.hf_state_dict()
-        source = f"{directory} (a Qwen3 model built from its config.json)"
-        tied_head = copy_named_tensors(targets, tensors, source, HFCheckpointError)
-        if tied_head is not None and not torch.equal(tied_head.to(targets[EMBED_KEY]), targets[EMBED_KEY]):
-            raise HFCheckpointError(
-                f"{directory}: config.json ties word embeddings but {LM_HEAD_KEY} differs from {EMBED_KEY}; "
-                "set tie_word_embeddings to false in config.json if the head is meant to be separate"
-            )
-
-    def save_pretrained(
-        self,
-        directory: str | os.PathLike[str],
-        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        """Write config.json + safetensors (sharded above `max_shard_bytes`) that HF transformers loads.
-
-        dtype None keeps the parameters' dtype; config.json records the dtype written. A tied model
-        writes no `lm_head.weight`.
-        """
-        state = self.hf_state_dict()
-        dtype = next(iter(state.values())).dtype if dtype is None else dtype
-        config = dataclasses.replace(self.config, torch_dtype=str(dtype).removeprefix("torch."))
-        items = ((name, tensor.to(dtype) if tensor.is_floating_point() else tensor) for name, tensor in state.items())
-        save_hf_state_dict(items, directory, max_shard_bytes=max_shard_bytes, config=config)
 
 
 def _tied_head_is_not_missing(model: Qwen3ForCausalLM, incompatible: nn.modules.module._IncompatibleKeys) -> None:

@@ -65,6 +65,9 @@ def main(argv: list[str]) -> int:
         nproc, argv = _take_nproc(argv)
         world = nproc if nproc is not None and not under_torchrun else None
         config = parse_train_args(argv, world_size=world)
+        from qwen3_pretrain.train.preflight import preflight  # torch: only past --help and the flag checks
+
+        preflight(config, world_size=world)
     except ConfigError as exc:
         print(f"qwen3-pretrain train: error: {exc}", file=sys.stderr)
         return 2

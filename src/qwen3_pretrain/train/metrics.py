@@ -17,6 +17,7 @@ from qwen3_pretrain.config import TrainConfig, schedule_steps
 from qwen3_pretrain.distributed.mesh import ParallelEnv
 from qwen3_pretrain.distributed.planner import DEVICE_SPECS
 from qwen3_pretrain.model import kernels
+from qwen3_pretrain.train.preflight import memory_estimate
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -101,7 +102,7 @@ def throughput(
 ) -> tuple[float, float, float | None]:
     """(tokens/s per device, model TFLOP/s per device, MFU or None) of `iterations` in `seconds`."""
     resolved = config.require_resolved()
-    seq = config.data.seq_length
+    seq = resolved.seq_length
     tokens = resolved.global_batch_size * seq * iterations / max(seconds, 1e-9) / world_size
     tflops = tokens * resolved.model_config.flops_per_token(seq) / 1e12
     return tokens, tflops, (tflops / peak_tflops if peak_tflops else None)
@@ -133,7 +134,8 @@ class MetricsWriter:
             step = log.iteration
             scalars = {
                 "learning-rate": log.lr, "batch-size": log.global_batch_size, "lm loss": log.lm_loss,
-                "loss-scale": log.loss_scale, "grad-norm": log.grad_norm, "iteration-time": log.elapsed_ms_per_iteration / 1e3,
+                "loss-scale": log.loss_scale, "grad-norm": log.grad_norm,
+                "iteration-time": log.elapsed_ms_per_iteration / 1e3,
                 "tokens-per-sec-per-device": log.tokens_per_sec_per_device, "tflops-per-device": log.tflops_per_device,
             }
             if log.mfu is not None:
@@ -143,7 +145,9 @@ class MetricsWriter:
             self.tensorboard.add_scalar("lm loss vs samples", log.lm_loss, log.consumed_samples)
 
     def validation(self, iteration: int, loss: float) -> None:
-        self._write({"iteration": iteration, "val_loss": _finite_or_none(loss), "val_ppl": _finite_or_none(perplexity(loss))})
+        self._write(
+            {"iteration": iteration, "val_loss": _finite_or_none(loss), "val_ppl": _finite_or_none(perplexity(loss))}
+        )
         if self.tensorboard is not None:
             self.tensorboard.add_scalar("lm loss validation", loss, iteration)
             self.tensorboard.add_scalar("lm loss validation ppl", perplexity(loss), iteration)
@@ -164,17 +168,17 @@ def startup_summary(config: TrainConfig, env: ParallelEnv, compute_dtype: torch.
     """Lines describing the model, layout, batch arithmetic, tokens per iteration and memory per device."""
     r = config.require_resolved()
     cfg = r.model_config
-    seq, mbs = config.data.seq_length, config.training.micro_batch_size
+    seq, mbs = r.seq_length, config.training.micro_batch_size
     par = config.parallel
     tokens_per_iter = r.global_batch_size * seq
     dp_mode = "FSDP2 sharded" if not par.no_shard else "replicated (DDP-style)"
     if env.world_size == 1:
         dp_mode = "single process"
-    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(compute_dtype, "fp32")
+    precision = config.precision.name
     if kernels.bf16_via_float32(env.device, compute_dtype):
         precision += " (this CPU has no fast bf16 matmul: float32 matmuls of bf16-rounded operands)"
     steps = schedule_steps(config, r.train_iters, r.global_batch_size)
-    memory = config.memory_estimate().as_gib()
+    memory = memory_estimate(config).as_gib()
     parts = ", ".join(f"{k} {v:.2f}" for k, v in memory.items() if k != "total")
     opt = config.optimizer
     lines = [

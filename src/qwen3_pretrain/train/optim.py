@@ -12,7 +12,6 @@ import math
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -39,11 +38,11 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW (fused where the device has the kernel, which also gives the sync-free skip)."""
     opt = config.optimizer
     groups = param_groups(model, opt.weight_decay)
-    kwargs = {"lr": opt.lr, "betas": (opt.adam_beta1, opt.adam_beta2), "eps": opt.adam_eps}
+    betas = (opt.adam_beta1, opt.adam_beta2)
     try:
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
+        return torch.optim.AdamW(groups, lr=opt.peak_lr, betas=betas, eps=opt.adam_eps, fused=True)
     except RuntimeError:  # no fused kernel for this device type
-        return torch.optim.AdamW(groups, **kwargs)
+        return torch.optim.AdamW(groups, lr=opt.peak_lr, betas=betas, eps=opt.adam_eps)
 
 
 def step_unless_nonfinite(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
@@ -53,7 +52,7 @@ def step_unless_nonfinite(optimizer: torch.optim.Optimizer, found_inf: torch.Ten
     optimizers read the flag on the host.
     """
     if optimizer.defaults.get("fused"):
-        optimizer.found_inf = found_inf  # read by the fused kernel
+        optimizer.found_inf = found_inf  # type: ignore[attr-defined]  # read by the fused kernel; not in torch's stubs
         optimizer.step()
     elif not bool(found_inf):
         optimizer.step()
@@ -61,31 +60,6 @@ def step_unless_nonfinite(optimizer: torch.optim.Optimizer, found_inf: torch.Ten
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-def clip_grad_norm_(
-    parameters: list[nn.Parameter],
-    max_norm: float,
-    counted: list[nn.Parameter] | None = None,
-    group: dist.ProcessGroup | None = None,
-) -> torch.Tensor:
-    """Global L2 norm of the gradients as a device scalar; scale `parameters`' gradients by
-    min(1, max_norm / (norm + 1e-6)) when max_norm > 0 (Megatron's clipping).
-
-    The norm is over the gradients of `counted` (default: `parameters`; a pipeline leaves out its copy
-    of a tied embedding) across every DTensor shard, and summed over `group` (the pipeline ranks).
-    """
-    grads = [p.grad for p in (parameters if counted is None else counted) if p.grad is not None]
-    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
-    if isinstance(total, DTensor):
-        total = total.full_tensor()
-    if group is not None and dist.get_world_size(group) > 1:
-        squared = total.pow(2)
-        dist.all_reduce(squared, group=group)
-        total = squared.sqrt()
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total, foreach=True)
-    return total
 
 
 def scale_grads_(parameters: list[nn.Parameter], factor: torch.Tensor) -> None:
@@ -121,7 +95,7 @@ class OptimizerParamScheduler:
         self.optimizer = optimizer
         self.init_lr, self.max_lr, self.min_lr = init_lr, float(max_lr), min_lr
         self.warmup_steps, self.decay_steps, self.decay_style = warmup_steps, decay_steps, decay_style
-        self.wsd_decay_steps, self.wsd_decay_style = wsd_decay_steps, wsd_decay_style
+        self.wsd_decay_steps, self.wsd_decay_style = wsd_decay_steps or 0, wsd_decay_style  # > 0 with WSD
         self.num_steps = 0
         self.step(0)
 
@@ -190,7 +164,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> Op
     steps = schedule_steps(config, resolved.train_iters, resolved.global_batch_size)
     opt = config.optimizer
     return OptimizerParamScheduler(
-        optimizer, init_lr=opt.lr_warmup_init, max_lr=opt.lr, min_lr=opt.min_lr,
+        optimizer, init_lr=opt.lr_warmup_init, max_lr=opt.peak_lr, min_lr=opt.min_lr,
         warmup_steps=steps.warmup, decay_steps=steps.decay, decay_style=opt.lr_decay_style,
         wsd_decay_steps=steps.wsd_decay, wsd_decay_style=opt.lr_wsd_decay_style,
     )

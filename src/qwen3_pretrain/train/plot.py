@@ -69,9 +69,11 @@ def collect_series(records: list[dict[str, object]]) -> dict[str, Series]:
     """metric name -> (iterations ascending, values); the last record of an iteration wins."""
     by_key: dict[str, dict[int, float]] = {}
     for record in records:
+        iteration = record["iteration"]
+        assert isinstance(iteration, int), "read_records checks that every record has an integer iteration"
         for key, value in record.items():
             if key != "iteration" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                by_key.setdefault(key, {})[record["iteration"]] = float(value)
+                by_key.setdefault(key, {})[iteration] = float(value)
     return {key: (sorted(points), [points[i] for i in sorted(points)]) for key, points in by_key.items()}
 
 
@@ -87,7 +89,7 @@ def plot_metrics(run_dir: str | os.PathLike[str], output: str | os.PathLike[str]
 
     figure = Figure(figsize=(12, 8), dpi=100, layout="constrained")
     figure.suptitle(str(source.parent))
-    for axes, (title, left, right) in zip(figure.subplots(2, 2).flat, PANELS):
+    for axes, (title, left, right) in zip(figure.subplots(2, 2).flat, PANELS, strict=True):
         axes.set_title(title)
         axes.set_xlabel("iteration")
         drawn = _draw(axes, left, series)
@@ -106,7 +108,9 @@ def plot_metrics(run_dir: str | os.PathLike[str], output: str | os.PathLike[str]
     return output
 
 
-def _draw(axes: Axes, specs: tuple[tuple[str, str], ...], series: dict[str, Series], color_offset: int = 0) -> list[Line2D]:
+def _draw(
+    axes: Axes, specs: tuple[tuple[str, str], ...], series: dict[str, Series], color_offset: int = 0
+) -> list[Line2D]:
     """Plot the present series of `specs` on `axes` (evaluations with markers); returns the lines."""
     lines = []
     for index, (key, label) in enumerate(specs):

@@ -17,12 +17,14 @@ one and the next log line run one schedule step ahead.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import signal
 import sys
 import threading
 import time
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +36,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from qwen3_pretrain.config import TrainConfig
+from qwen3_pretrain.checkpoint.loader import open_checkpoint
+from qwen3_pretrain.checkpoint.native import save_checkpoint
+from qwen3_pretrain.config import Qwen3Config, TrainConfig
+from qwen3_pretrain.data.gpt_dataset import build_gpt_datasets
+from qwen3_pretrain.data.loader import build_pretraining_loader
+from qwen3_pretrain.distributed.clip import clip_grad_norm_
 from qwen3_pretrain.distributed.device import device_type
 from qwen3_pretrain.distributed.mesh import ParallelEnv, init_parallel, shutdown_parallel
 from qwen3_pretrain.distributed.parallelize import load_full_weights, parallelize_model
@@ -42,15 +49,15 @@ from qwen3_pretrain.distributed.pipeline import (
     MicroBatchShape,
     PipelineSchedule,
     PipelineStageModule,
-    StagesView,
+    as_one_module,
     broadcast_tied_embedding,
     build_pipeline_schedule,
-    norm_parameters,
     split_into_stages,
     sync_tied_embedding_grads,
     tied_embedding_group,
 )
-from qwen3_pretrain.model import kernels
+from qwen3_pretrain.distributed.tensor_parallel import vocab_parallel_loss
+from qwen3_pretrain.model.kernels import KernelOptions
 from qwen3_pretrain.model.qwen3 import IGNORE_INDEX, Qwen3ForCausalLM, init_module_weights
 from qwen3_pretrain.train.metrics import (
     IterationLog,
@@ -65,10 +72,10 @@ from qwen3_pretrain.train.optim import (
     build_loss_scaler,
     build_optimizer,
     build_scheduler,
-    clip_grad_norm_,
     scale_grads_,
     step_unless_nonfinite,
 )
+from qwen3_pretrain.train.preflight import compute_dtype, preflight
 
 
 class TrainingError(RuntimeError):
@@ -92,6 +99,18 @@ class TrainResult:
     tokens_per_sec_per_device: float | None = None
     tflops_per_device: float | None = None
     mfu: float | None = None
+
+
+@dataclass
+class TrainState:
+    """The trainer's own counters: saved in every checkpoint (`Trainer.state_dict`) and restored on resume."""
+
+    iteration: int = 0
+    consumed_samples: int = 0  # the position in the training data
+    consumed_valid_samples: int = 0
+    skipped_iterations: int = 0
+    nan_iterations: int = 0
+    nonfinite_streak: int = 0  # non-finite iterations in a row (--stop-after-nonfinite-iters)
 
 
 @dataclass
@@ -140,10 +159,6 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def compute_dtype_of(config: TrainConfig) -> torch.dtype:
-    return torch.bfloat16 if config.precision.bf16 else torch.float16 if config.precision.fp16 else torch.float32
-
-
 def token_loss_sum(
     model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None
 ) -> torch.Tensor:
@@ -169,79 +184,69 @@ class Pipeline:
     tied_group: dist.ProcessGroup | None
 
 
-def build_model(config: TrainConfig, env: ParallelEnv) -> tuple[nn.Module, Pipeline | None]:
-    """Meta model -> (pipeline split) -> parallelize -> to_empty -> tie -> initial weights (init, HF or mcore).
+def build_model_parts(config: TrainConfig, env: ParallelEnv) -> tuple[list[nn.Module], frozenset[str]]:
+    """Meta model -> (pipeline split) -> parallelize -> to_empty -> tie: this rank's model parts, without weights.
 
-    Returns the module holding this rank's parameters under their global HF names (the model, or a
-    `StagesView` of its pipeline stages) and, with PP > 1, the pipeline that runs the stages.
+    Returns the parts (the whole model, or this rank's pipeline stages) and the names of the parameters
+    that other pipeline ranks hold.
     """
     resolved = config.require_resolved()
     cfg, layout = resolved.model_config, resolved.pipeline
-    kernels.select_attention_backend(config.parallel.attention_backend)
     with torch.device("meta"):
-        model = Qwen3ForCausalLM(cfg)
-    parts: list[nn.Module] = [model]
+        model = Qwen3ForCausalLM(cfg, kernels=KernelOptions(attention=config.parallel.attention_backend))
+    parts: list[Qwen3ForCausalLM] | list[PipelineStageModule] = [model]
     if layout is not None:
         parts = split_into_stages(model, env.pp_rank, env.pp, layout.stage_layers, layout.virtual_stages)
     par = config.parallel
     for part in parts:
         parallelize_model(
-            part, env, compute_dtype_of(config), sequence_parallel=par.sequence_parallel,
+            part, env, compute_dtype(config), sequence_parallel=resolved.sequence_parallel,
             recompute_granularity=par.recompute_granularity, compile_blocks=par.compile, shard=not par.no_shard,
         )
         part.to_empty(device=env.device)
         part.model.rotary_emb.reset_parameters()
     if layout is None:
         model.tie_weights()  # to_empty gives embed_tokens and lm_head separate parameters
-        held, elsewhere = model, frozenset[str]()
-    else:
-        held = StagesView(parts)
-        elsewhere = frozenset(n for n, _ in model.named_parameters()) - {n for n, _ in held.named_parameters()}
-    _load_initial_weights(held, config, env, elsewhere)
-    if layout is None:
-        return model, None
-    tied_group = tied_embedding_group(parts, env.pp_group)
-    broadcast_tied_embedding(parts, tied_group)
-    micro_batch = MicroBatchShape(
-        config.training.micro_batch_size, config.data.seq_length, compute_dtype_of(config),
-        env.tp if par.sequence_parallel else 1,
-    )
-    schedule = build_pipeline_schedule(parts, env.pp_group, resolved.num_microbatches, micro_batch, schedule=layout.schedule)
-    return held, Pipeline(parts, schedule, tied_group)
+        return list(parts), frozenset()
+    held = {n for n, _ in as_one_module(list(parts)).named_parameters()}
+    return list(parts), frozenset(n for n, _ in model.named_parameters()) - held
 
 
-def _load_initial_weights(model: nn.Module, config: TrainConfig, env: ParallelEnv, elsewhere: frozenset[str]) -> None:
-    """HF or mcore weights from --load, or a random init (a native checkpoint overwrites every weight later)."""
+def build_pipeline(config: TrainConfig, env: ParallelEnv, stages: list[PipelineStageModule]) -> Pipeline:
+    """The schedule over this rank's stages, after their weights are set (a tied embedding is copied to the
+    last stage here)."""
     resolved = config.require_resolved()
-    load, fmt = config.checkpoint.load, resolved.load_format
-    if fmt == "hf":
-        from qwen3_pretrain.checkpoint.hf import iter_hf_tensors
+    layout, pp_group = resolved.pipeline, env.pp_group
+    if layout is None or pp_group is None:
+        raise RuntimeError("a pipeline needs --pipeline-model-parallel-size > 1 and a process group")
+    tied_group = tied_embedding_group(stages, pp_group)
+    broadcast_tied_embedding(stages, tied_group)
+    micro_batch = MicroBatchShape(
+        config.training.micro_batch_size, resolved.seq_length, compute_dtype(config),
+        env.tp if resolved.sequence_parallel else 1,
+    )
+    schedule = build_pipeline_schedule(stages, pp_group, resolved.num_microbatches, micro_batch,
+                                       schedule=layout.schedule)
+    return Pipeline(stages, schedule, tied_group)
 
-        load_full_weights(model, iter_hf_tensors(load, torch.float32), f"--load {load}", elsewhere)
-    elif fmt == "mcore":
-        from qwen3_pretrain.checkpoint.mcore import iter_mcore_as_hf
 
-        _, _, tensors = iter_mcore_as_hf(load, config=resolved.model_config)
-        load_full_weights(model, tensors, f"--load {load}", elsewhere)
-    elif fmt != "native":
-        _init_weights(model, env, config.training.seed, elsewhere)
-
-
-def _init_weights(model: nn.Module, env: ParallelEnv, seed: int, elsewhere: frozenset[str]) -> None:
+def _init_weights(
+    model: nn.Module, config: Qwen3Config, env: ParallelEnv, seed: int, elsewhere: frozenset[str]
+) -> None:
     """Random init with `seed`. On CPU meshes (where DTensor has no distributed RNG) every rank builds
     the same full model and keeps its slices, so any layout starts from the single-process weights.
     On accelerators each pipeline rank draws its own stages' weights from its own seed."""
     torch.manual_seed(seed)
     if env.mesh is None or device_type() != "cpu":
-        if env.pp > 1:
+        if env.pp > 1 and env.mesh is not None:
             from torch.distributed.tensor import _random as dtensor_random
 
             dtensor_random.manual_seed(seed + env.pp_rank, env.mesh)  # no RNG state sync across pp ranks
             torch.manual_seed(seed + env.pp_rank)
-        init_module_weights(model, model.config.initializer_range)
+        init_module_weights(model, config.initializer_range)
         return
     with torch.device("meta"):
-        full = Qwen3ForCausalLM(model.config)
+        full = Qwen3ForCausalLM(config)
     full.to_empty(device="cpu")
     full.tie_weights()
     full.init_weights()
@@ -254,25 +259,21 @@ class Trainer:
     def __init__(self, config: TrainConfig, env: ParallelEnv) -> None:
         self.config, self.env = config, env
         self.resolved = config.require_resolved()
-        self.compute_dtype = compute_dtype_of(config)
+        self.compute_dtype = compute_dtype(config)
         seed_everything(config.training.seed)
-        self.model, self.pipeline = build_model(config, env)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        stages = self.pipeline.stages if self.pipeline is not None else [self.model]
-        self.norm_params = [p for p in norm_parameters(stages) if p.requires_grad]
-        self.optimizer = build_optimizer(self.model, config)
+        self.model_parts, held_elsewhere = build_model_parts(config, env)
+        named = as_one_module(self.model_parts)  # the parameters under their global HF names
+        self.params = [p for p in named.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(named, config)
         self.scheduler = build_scheduler(self.optimizer, config)
         self.scaler = build_loss_scaler(config, env.device)
-        self.iteration = 0
-        self.consumed_samples = 0
-        self.consumed_valid_samples = 0
-        self.skipped_total = 0
-        self.nan_total = 0
-        self.nonfinite_streak = 0
-        self._load_checkpoint()
+        self.state = TrainState()
+        self.last_saved = self._load_or_init_weights(named, held_elsewhere)
+        self.pipeline = None
+        if self.resolved.pipeline is not None:
+            self.pipeline = build_pipeline(config, env, typing.cast(list[PipelineStageModule], self.model_parts))
         self.pending: list[_Pending] = []
         self.last_grad_norm = float("nan")
-        self.last_saved = self.iteration if self.resolved.load_format == "native" and not config.checkpoint.finetune else -1
         self.interval = _Interval()
         self.result = TrainResult()
         self.peak_tflops = device_peak_tflops(env.device, self.compute_dtype)
@@ -281,37 +282,47 @@ class Trainer:
         )
         self.train_data, self.valid_data, self.test_data = self._build_datasets()
 
-    # ---- setup ---------------------------------------------------------------------------------
+    # ---- state ---------------------------------------------------------------------------------
 
-    def _load_checkpoint(self) -> None:
-        if self.resolved.load_format != "native":
-            return
-        from qwen3_pretrain.checkpoint.native import load_checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """The trainer's counters and the fp16 loss scaler, as a checkpoint stores them."""
+        return {**dataclasses.asdict(self.state), "loss_scaler": self.scaler.state_dict() if self.scaler else None}
 
-        ck = self.config.checkpoint
-        with_optimizer = not (ck.no_load_optim or ck.finetune)
-        state = load_checkpoint(
-            ck.load, self.model,
-            optimizer=self.optimizer if with_optimizer else None,
-            lr_scheduler=self.scheduler if with_optimizer else None,
-            load_rng=not (ck.no_load_rng or ck.finetune),
-        )
-        if ck.finetune:
-            return
-        self.iteration = int(state["iteration"])
-        self.consumed_samples = int(state.get("consumed_samples", self.iteration * self.resolved.global_batch_size))
-        self.consumed_valid_samples = int(state.get("consumed_valid_samples", 0))
-        self.skipped_total = int(state.get("skipped_iterations", 0))
-        self.nan_total = int(state.get("nan_iterations", 0))
-        self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
-        if not with_optimizer:  # fresh optimizer, but the schedule continues where the data position is
-            self.scheduler.step(self.consumed_samples)
-        elif self.scaler is not None and state.get("loss_scaler") is not None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` saved (older checkpoints may lack some counters)."""
+        iteration = int(state["iteration"])
+        defaults = {"consumed_samples": iteration * self.resolved.global_batch_size}
+        self.state = TrainState(**{
+            f.name: int(state.get(f.name, defaults.get(f.name, 0))) for f in dataclasses.fields(TrainState)
+        })
+        if self.scaler is not None and state.get("loss_scaler") is not None:
             self.scaler.load_state_dict(state["loss_scaler"])
 
-    def _build_datasets(self) -> tuple[Any, Any, Any]:
-        from qwen3_pretrain.data.gpt_dataset import build_gpt_datasets
+    # ---- setup ---------------------------------------------------------------------------------
 
+    def _load_or_init_weights(self, named: nn.Module, held_elsewhere: frozenset[str]) -> int:
+        """Random init, or --load's weights (and, resuming a native checkpoint, the optimizer, schedule,
+        RNG and trainer state); returns the iteration the loaded checkpoint holds (-1: none)."""
+        ck, fmt = self.config.checkpoint, self.resolved.load_format
+        if ck.load is None or fmt is None:
+            _init_weights(named, self.resolved.model_config, self.env, self.config.training.seed, held_elsewhere)
+            return -1
+        source = open_checkpoint(ck.load, fmt)
+        with_optimizer = source.resumes and not (ck.no_load_optim or ck.finetune)
+        state = source.load_into(
+            named, self.optimizer if with_optimizer else None, self.scheduler if with_optimizer else None,
+            load_rng=not (ck.no_load_rng or ck.finetune), held_elsewhere=held_elsewhere,
+        )
+        if state is None or ck.finetune:
+            return -1
+        if not with_optimizer:  # fresh optimizer and scaler; the schedule continues from the data position
+            state = {k: v for k, v in state.items() if k != "loss_scaler"}
+        self.load_state_dict(state)
+        if not with_optimizer:
+            self.scheduler.step(self.state.consumed_samples)
+        return self.state.iteration
+
+    def _build_datasets(self) -> tuple[Any, Any, Any]:
         data, log, r = self.config.data, self.config.logging, self.resolved
         gbs = r.global_batch_size
         eval_samples = (r.train_iters // log.eval_interval + 1) * log.eval_iters * gbs
@@ -319,7 +330,7 @@ class Trainer:
 
         def build() -> tuple[Any, Any, Any]:
             return build_gpt_datasets(
-                data.data_path, data.split, data.seq_length, self.config.training.seed, num_samples,
+                data.data_path or [], data.split, r.seq_length, self.config.training.seed, num_samples,
                 cache_dir=data.data_cache_path, eod_token_id=data.eod_token_id,
                 eod_mask_loss=data.eod_mask_loss, reset_position_ids=data.reset_position_ids,
             )
@@ -335,8 +346,6 @@ class Trainer:
 
     def _micro_batches(self, dataset: Any, consumed: int, cyclic: bool) -> Iterator[dict[str, torch.Tensor]]:
         """This DP rank's micro batches from sample `consumed` on (restarting at 0 when cyclic)."""
-        from qwen3_pretrain.data.loader import build_pretraining_loader
-
         data = self.config.data
         while True:
             if consumed >= len(dataset):
@@ -372,15 +381,13 @@ class Trainer:
 
     def _loss_parallel(self) -> contextlib.AbstractContextManager[Any]:
         if self.env.tp > 1:
-            from qwen3_pretrain.distributed.tensor_parallel import vocab_parallel_loss
-
             return vocab_parallel_loss()
         return contextlib.nullcontext()
 
     def _forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         tokens, labels, positions = self._to_device(batch)
         with self._autocast():
-            return token_loss_sum(self.model, tokens, labels, positions)
+            return token_loss_sum(self.model_parts[0], tokens, labels, positions)
 
     def _stacked(self, batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and labels of the micro batches, stacked for the pipeline schedule: [n * b, s] each."""
@@ -409,9 +416,7 @@ class Trainer:
         loss_sum = self._forward_backward(batches, float(max(tokens, 1)))
         if self.scaler is not None:
             scale_grads_(self.params, 1.0 / self.scaler.scale)
-        grad_norm = clip_grad_norm_(
-            self.params, self.config.optimizer.clip_grad, counted=self.norm_params, group=self.env.pp_group
-        )
+        grad_norm = clip_grad_norm_(self.model_parts, self.config.optimizer.clip_grad, pp=self.env.pp_group)
         found_inf = (~torch.isfinite(grad_norm)).float()
         lr = self.optimizer.param_groups[0]["lr"]
         step_unless_nonfinite(self.optimizer, found_inf)
@@ -421,9 +426,9 @@ class Trainer:
             at_minimum = self.scaler.at_minimum()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step(self.resolved.global_batch_size)  # corrected in _flush if the update was skipped
-        self.iteration += 1
-        self.consumed_samples += self.resolved.global_batch_size
-        return _Pending(self.iteration, lr, loss_sum, tokens, grad_norm, found_inf, at_minimum)
+        self.state.iteration += 1
+        self.state.consumed_samples += self.resolved.global_batch_size
+        return _Pending(self.state.iteration, lr, loss_sum, tokens, grad_norm, found_inf, at_minimum)
 
     # ---- reading device values (log / save time) ----------------------------------------------
 
@@ -438,7 +443,7 @@ class Trainer:
         found = torch.stack([p.found_inf for p in self.pending]).tolist()
         minimum = [bool(p.scale_at_minimum) if p.scale_at_minimum is not None else True for p in self.pending]
         skipped_now = nan_now = 0
-        for p, loss_sum, norm, inf, at_min in zip(self.pending, sums.tolist(), norms, found, minimum):
+        for p, loss_sum, norm, inf, at_min in zip(self.pending, sums.tolist(), norms, found, minimum, strict=True):
             loss = loss_sum / max(p.tokens, 1)
             skipped = inf > 0
             nan = skipped and not math.isfinite(loss)
@@ -452,23 +457,24 @@ class Trainer:
             nan_now += int(nan)
             if skipped:
                 if nan or at_min:
-                    self.nonfinite_streak += 1
+                    self.state.nonfinite_streak += 1
             else:
                 self.interval.loss_sum += loss
                 self.interval.applied += 1
-                self.nonfinite_streak = 0
+                self.state.nonfinite_streak = 0
         self.interval.skipped += skipped_now
         self.interval.nan += nan_now
-        self.skipped_total += skipped_now
-        self.nan_total += nan_now
+        self.state.skipped_iterations += skipped_now
+        self.state.nan_iterations += nan_now
         if skipped_now:  # Megatron does not advance the schedule for skipped updates
             self.scheduler.step(-skipped_now * self.resolved.global_batch_size)
         self.last_grad_norm = norms[-1]
         self.pending.clear()
         limit = self.config.training.stop_after_nonfinite_iters
-        if self.nonfinite_streak >= limit:
+        if self.state.nonfinite_streak >= limit:
             raise TrainingError(
-                f"the last {self.nonfinite_streak} iterations (up to {self.iteration}) had a non-finite loss or "
+                f"the last {self.state.nonfinite_streak} iterations (up to {self.state.iteration}) "
+                "had a non-finite loss or "
                 f"gradient and were skipped (--stop-after-nonfinite-iters {limit}); the weights are those of the last "
                 "good update. Lower --lr, raise --lr-warmup-*, check the data, or resume from an earlier checkpoint"
             )
@@ -479,7 +485,8 @@ class Trainer:
         n = max(iv.iterations, 1)
         tokens, tflops, mfu = throughput(self.config, n, seconds, self.env.world_size, self.peak_tflops)
         log = IterationLog(
-            iteration=self.iteration, train_iters=self.resolved.train_iters, consumed_samples=self.consumed_samples,
+            iteration=self.state.iteration, train_iters=self.resolved.train_iters,
+            consumed_samples=self.state.consumed_samples,
             elapsed_ms_per_iteration=seconds * 1000.0 / n, lr=self.optimizer.param_groups[0]["lr"],
             global_batch_size=self.resolved.global_batch_size,
             lm_loss=iv.loss_sum / iv.applied if iv.applied else float("nan"),
@@ -521,37 +528,30 @@ class Trainer:
     def _periodic_eval(self) -> float:
         """Validation at --eval-interval; returns the seconds it took (kept out of iteration timing)."""
         log = self.config.logging
-        if self.valid_data is None or log.eval_iters == 0 or self.iteration % log.eval_interval:
+        if self.valid_data is None or log.eval_iters == 0 or self.state.iteration % log.eval_interval:
             return 0.0
         start = time.perf_counter()
-        loss = self.evaluate(self.valid_data, self.consumed_valid_samples % len(self.valid_data),
-                             f"iteration {self.iteration}")
-        self.consumed_valid_samples += log.eval_iters * self.resolved.global_batch_size
-        self.result.validation.append((self.iteration, loss))
-        self.metrics.validation(self.iteration, loss)
+        loss = self.evaluate(self.valid_data, self.state.consumed_valid_samples % len(self.valid_data),
+                             f"iteration {self.state.iteration}")
+        self.state.consumed_valid_samples += log.eval_iters * self.resolved.global_batch_size
+        self.result.validation.append((self.state.iteration, loss))
+        self.metrics.validation(self.state.iteration, loss)
         return time.perf_counter() - start
 
     # ---- checkpoints ---------------------------------------------------------------------------
 
     def save(self) -> None:
         """Save a native checkpoint of the current iteration (reads pending values first)."""
-        from qwen3_pretrain.checkpoint.native import save_checkpoint
-
         self._flush()
-        train_state = {
-            "consumed_samples": self.consumed_samples,
-            "consumed_valid_samples": self.consumed_valid_samples,
-            "skipped_iterations": self.skipped_total,
-            "nan_iterations": self.nan_total,
-            "nonfinite_streak": self.nonfinite_streak,
-            "loss_scaler": self.scaler.state_dict() if self.scaler is not None else None,
-        }
+        ck = self.config.checkpoint
+        if ck.save is None:
+            raise RuntimeError("save() needs --save")
         path = save_checkpoint(
-            self.config.checkpoint.save, self.iteration, self.model, self.optimizer, self.scheduler,
-            train_state=train_state, config=self.config.checkpoint_dict(),
+            ck.save, self.state.iteration, as_one_module(self.model_parts), self.optimizer, self.scheduler,
+            train_state=self.state_dict(), config=self.config.checkpoint_dict(), keep_last=ck.keep_last_checkpoints,
         )
         self.result.checkpoints.append(path)
-        self.last_saved = self.iteration
+        self.last_saved = self.state.iteration
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -563,30 +563,30 @@ class Trainer:
         ck, log = config.checkpoint, config.logging
         stop = StopSignal()
         try:
-            batches = self._micro_batches(self.train_data, self.consumed_samples, cyclic=False)
+            batches = self._micro_batches(self.train_data, self.state.consumed_samples, cyclic=False)
             run_start = interval_start = time.perf_counter()
-            start_iteration = self.iteration
-            while self.iteration < r.train_iters:
+            start_iteration = self.state.iteration
+            while self.state.iteration < r.train_iters:
                 step_batches = [next(batches) for _ in range(r.num_microbatches)]
                 self.pending.append(self.train_step(step_batches))
-                if self.iteration % log.log_interval == 0:
+                if self.state.iteration % log.log_interval == 0:
                     self._flush()
                     now = time.perf_counter()
                     self._log_line(now - interval_start)
                     interval_start = now
                 interval_start += self._periodic_eval()
-                if ck.save and ck.save_interval and self.iteration % ck.save_interval == 0:
+                if ck.save and ck.save_interval and self.state.iteration % ck.save_interval == 0:
                     interval_start += self._timed(self.save)
                 if env.host_any(stop.received is not None):
                     self.result.stopped_by_signal = True
                     break
             self._flush()
             seconds = time.perf_counter() - run_start
-            if ck.save and self.last_saved != self.iteration:
+            if ck.save and self.last_saved != self.state.iteration:
                 self.save()
             if not self.result.stopped_by_signal:
                 self._final_evaluations()
-            self._finish(self.iteration - start_iteration, seconds)
+            self._finish(self.state.iteration - start_iteration, seconds)
         finally:
             stop.restore()
             self.metrics.close()
@@ -602,17 +602,19 @@ class Trainer:
         log = self.config.logging
         if log.eval_iters == 0:
             return
-        if self.valid_data is not None and (not self.result.validation or self.result.validation[-1][0] != self.iteration):
-            loss = self.evaluate(self.valid_data, self.consumed_valid_samples % len(self.valid_data),
-                                 f"iteration {self.iteration} on validation set")
-            self.result.validation.append((self.iteration, loss))
-            self.metrics.validation(self.iteration, loss)
+        if self.valid_data is not None and (
+            not self.result.validation or self.result.validation[-1][0] != self.state.iteration
+        ):
+            loss = self.evaluate(self.valid_data, self.state.consumed_valid_samples % len(self.valid_data),
+                                 f"iteration {self.state.iteration} on validation set")
+            self.result.validation.append((self.state.iteration, loss))
+            self.metrics.validation(self.state.iteration, loss)
         if self.test_data is not None:
-            self.evaluate(self.test_data, 0, f"iteration {self.iteration} on test set")
+            self.evaluate(self.test_data, 0, f"iteration {self.state.iteration} on test set")
 
     def _finish(self, iterations: int, seconds: float) -> None:
         result = self.result
-        result.final_iteration, result.consumed_samples = self.iteration, self.consumed_samples
+        result.final_iteration, result.consumed_samples = self.state.iteration, self.state.consumed_samples
         if iterations:
             tokens, tflops, mfu = throughput(self.config, iterations, seconds, self.env.world_size, self.peak_tflops)
             result.tokens_per_sec_per_device, result.tflops_per_device, result.mfu = tokens, tflops, mfu
@@ -620,7 +622,10 @@ class Trainer:
             how = "stopped by signal" if result.stopped_by_signal else "finished"
             rate = f"; {tokens:.1f} tokens/s per device, {tflops:.2f} TFLOP/s per device" if iterations else ""
             mfu_text = f", MFU {100 * mfu:.1f}%" if iterations and mfu is not None else ""
-            print(f"training {how} at iteration {self.iteration} ({iterations} this run){rate}{mfu_text}", flush=True)
+            print(
+                f"training {how} at iteration {self.state.iteration} ({iterations} this run){rate}{mfu_text}",
+                flush=True,
+            )
 
 
 def _plain(tensor: torch.Tensor) -> torch.Tensor:
@@ -636,8 +641,10 @@ def run_training(config: TrainConfig) -> TrainResult:
     """
     world = dist.get_world_size() if dist.is_initialized() else None
     if config.resolved is None or (world is not None and config.resolved.world_size != world):
-        config.validate(world)
-    env = init_parallel(config.parallel.tensor_model_parallel_size, config.parallel.pipeline_model_parallel_size)
+        preflight(config, world)
+    par = config.parallel
+    env = init_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
+                        timeout_minutes=par.distributed_timeout_minutes)
     result = Trainer(config, env).run()
     sys.stdout.flush()
     shutdown_parallel(env)

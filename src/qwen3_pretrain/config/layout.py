@@ -1,0 +1,149 @@
+"""The rules a parallel layout must follow, as pure functions of sizes: one set, used by `train`'s config
+checks, the pipeline splitter, tensor parallelism and the planner.
+
+Every rule raises `ConfigError` (a ValueError) naming the flag to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qwen3_pretrain.config.model import ConfigError, Qwen3Config
+
+PIPELINE_SCHEDULES = ("1f1b", "gpipe")
+
+
+def flag_name(field: str) -> str:
+    """A config field's flag: `seq_length` -> `--seq-length`."""
+    return "--" + field.replace("_", "-")
+
+
+TP_FLAG = flag_name("tensor_model_parallel_size")
+PP_FLAG = flag_name("pipeline_model_parallel_size")
+NUM_LAYER_LIST_FLAG = flag_name("num_layer_list")
+VIRTUAL_FLAG = flag_name("num_layers_per_virtual_pipeline_stage")
+SEQUENCE_PARALLEL_FLAG = flag_name("sequence_parallel")
+
+
+@dataclass(frozen=True)
+class PipelineLayout:
+    """How the layers are split into pipeline stages and which schedule runs them."""
+
+    stage_layers: list[int]  # decoder layers of every stage, in stage order
+    virtual_stages: int  # stages per rank (> 1: interleaved 1F1B)
+    schedule: str  # "1f1b" | "gpipe" | "interleaved_1f1b"
+
+
+def check_tensor_parallel(
+    config: Qwen3Config, tp_size: int, sequence_parallel: bool = False, seq_length: int | None = None
+) -> None:
+    """The model (and, with sequence parallel, the sequence) must split `tp_size` ways."""
+    if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1:
+        raise ConfigError(f"{TP_FLAG} must be a positive integer, got {tp_size!r}")
+    checks = (
+        ("num_attention_heads", config.num_attention_heads, "--num-attention-heads"),
+        ("num_key_value_heads", config.num_key_value_heads, "num query groups, --num-query-groups"),
+        ("vocab_size", config.vocab_size, "--padded-vocab-size"),
+    )
+    for name, value, flag in checks:
+        if value % tp_size:
+            raise ConfigError(
+                f"{TP_FLAG} {tp_size} does not divide the model's {name} ({value}); "
+                f"choose a tensor-parallel size that divides {name} ({flag})"
+            )
+    if sequence_parallel and seq_length is not None and seq_length % tp_size:
+        raise ConfigError(
+            f"{SEQUENCE_PARALLEL_FLAG} needs --seq-length ({seq_length}) divisible by {TP_FLAG} {tp_size}; "
+            f"change one of them or drop {SEQUENCE_PARALLEL_FLAG}"
+        )
+
+
+def sequence_parallel_ignored(sequence_parallel: bool, tp_size: int) -> bool:
+    """Megatron turns --sequence-parallel off at TP 1 (there is nothing to shard over)."""
+    return sequence_parallel and tp_size == 1
+
+
+def check_batch_split(global_batch_size: int, micro_batch_size: int, dp_size: int) -> int:
+    """The number of micro batches per step; the global batch must split into micro batches x DP."""
+    if global_batch_size % (micro_batch_size * dp_size):
+        raise ConfigError(
+            f"--global-batch-size {global_batch_size} is not divisible by --micro-batch-size {micro_batch_size} x "
+            f"data-parallel size {dp_size} (= {micro_batch_size * dp_size}); change one of them"
+        )
+    return global_batch_size // (micro_batch_size * dp_size)
+
+
+def virtual_pipeline_stages(num_layers: int, pp_size: int, num_layers_per_virtual_stage: int) -> int:
+    """Stages per rank for `--num-layers-per-virtual-pipeline-stage` (Megatron's interleaving flag)."""
+    if pp_size < 1 or num_layers_per_virtual_stage < 1 or num_layers % (pp_size * num_layers_per_virtual_stage):
+        raise ConfigError(
+            f"{VIRTUAL_FLAG} {num_layers_per_virtual_stage} x {PP_FLAG} {pp_size} must divide the model's "
+            f"{num_layers} layers; pick sizes whose product divides it"
+        )
+    return num_layers // (pp_size * num_layers_per_virtual_stage)
+
+
+def stage_layer_counts(
+    num_layers: int, pp_size: int, virtual_stages: int = 1, num_layer_list: list[int] | None = None
+) -> list[int]:
+    """Number of decoder layers of every pipeline stage, in stage order (stage s runs on pp rank s % pp_size)."""
+    if pp_size < 1:
+        raise ConfigError(f"{PP_FLAG} must be >= 1, got {pp_size}")
+    if virtual_stages < 1:
+        raise ConfigError(f"virtual pipeline stages per rank must be >= 1, got {virtual_stages}")
+    if virtual_stages > 1 and pp_size < 2:
+        raise ConfigError(f"{VIRTUAL_FLAG} (interleaved pipeline) needs {PP_FLAG} >= 2, got {pp_size}")
+    num_stages = pp_size * virtual_stages
+    if num_layer_list is not None:
+        if len(num_layer_list) != num_stages or sum(num_layer_list) != num_layers or min(num_layer_list) < 1:
+            raise ConfigError(
+                f"{NUM_LAYER_LIST_FLAG} {','.join(map(str, num_layer_list))} must give {num_stages} positive layer "
+                f"counts (one per pipeline stage) summing to the model's {num_layers} layers"
+            )
+        return list(num_layer_list)
+    if num_layers % num_stages:
+        raise ConfigError(
+            f"the model's {num_layers} layers do not split evenly into {num_stages} pipeline stages "
+            f"({PP_FLAG} {pp_size} x {virtual_stages} virtual stages); change {PP_FLAG} or pass {NUM_LAYER_LIST_FLAG}"
+        )
+    return [num_layers // num_stages] * num_stages
+
+
+def parse_layer_list(text: str | None) -> list[int] | None:
+    """`--num-layer-list 7,7,7,7` -> [7, 7, 7, 7]."""
+    if text is None:
+        return None
+    try:
+        return [int(n) for n in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{NUM_LAYER_LIST_FLAG} {text!r} must be comma-separated integers, e.g. 7,7,7,7") from None
+
+
+def pipeline_layout(
+    num_layers: int,
+    pp_size: int,
+    num_microbatches: int,
+    schedule: str = "1f1b",
+    num_layer_list: list[int] | None = None,
+    num_layers_per_virtual_stage: int | None = None,
+) -> PipelineLayout:
+    """The stage split and schedule for `pp_size` > 1 pipeline ranks and `num_microbatches` per step."""
+    virtual = 1
+    if num_layers_per_virtual_stage is not None:
+        virtual = virtual_pipeline_stages(num_layers, pp_size, num_layers_per_virtual_stage)
+    stage_layers = stage_layer_counts(num_layers, pp_size, virtual, num_layer_list)
+    if virtual > 1 and schedule != "1f1b":
+        raise ConfigError(
+            f"--pipeline-schedule {schedule} cannot run virtual stages ({VIRTUAL_FLAG} runs interleaved 1F1B); "
+            "drop one of them"
+        )
+    schedule = "interleaved_1f1b" if virtual > 1 else schedule
+    needs_multiple = schedule == "interleaved_1f1b"
+    if (schedule == "1f1b" and num_microbatches < pp_size) or (needs_multiple and num_microbatches % pp_size):
+        rule = "a multiple of" if needs_multiple else "at least"
+        raise ConfigError(
+            f"the {schedule} pipeline schedule needs the number of micro batches per step ({num_microbatches} = "
+            f"global batch / (micro batch x data-parallel size)) to be {rule} {PP_FLAG} {pp_size}; "
+            "raise --global-batch-size or lower --micro-batch-size"
+        )
+    return PipelineLayout(stage_layers, virtual, schedule)

@@ -1,0 +1,65 @@
+"""Shared pieces of the checkpoint tests: a trained tiny native checkpoint, a fake tokenizer directory, and
+the `convert` CLI with its assertions."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen3_pretrain.checkpoint.convert import main as convert_main
+from qwen3_pretrain.checkpoint.native import save_checkpoint
+from qwen3_pretrain.config.model import get_preset
+from qwen3_pretrain.model.qwen3 import Qwen3ForCausalLM
+
+
+def fake_tokenizer_dir(tmp_path: Path) -> Path:
+    """`tmp_path/tokenizer`: placeholder tokenizer.json and tokenizer_config.json, and a README.md (not a tokenizer
+    file)."""
+    directory = tmp_path / "tokenizer"
+    directory.mkdir()
+    (directory / "tokenizer.json").write_text('{"version": "1.0", "model": {}}')
+    (directory / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>"}')
+    (directory / "README.md").write_text("not a tokenizer file")
+    return directory
+
+
+def trained_native_checkpoint(
+    tmp_path: Path, tied: bool, tokenizer: Path | None = None
+) -> tuple[Qwen3ForCausalLM, Path]:
+    """A tiny Qwen3 after one AdamW step (so the tie and every tensor matter), saved natively."""
+    torch.manual_seed(0)
+    config = dataclasses.replace(get_preset("qwen3-tiny"), tie_word_embeddings=tied)
+    model = Qwen3ForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    tokens = torch.randint(0, config.vocab_size, (2, 9))  # [b, s + 1]
+    model(tokens[:, :-1], labels=tokens[:, 1:]).loss.backward()
+    optimizer.step()
+    run_config = {"model": dataclasses.asdict(config), "flags": {"tokenizer-name-or-path": str(tokenizer)}}
+    save_dir = tmp_path / "ckpt"
+    save_checkpoint(save_dir, 1, model, optimizer, None, {}, run_config)
+    return model.eval(), save_dir
+
+
+def convert(*argv: str | Path | int) -> int:
+    """`qwen3-pretrain convert` with these arguments (stringified); its exit status."""
+    return convert_main([str(a) for a in argv])
+
+
+def assert_identical(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert set(actual) == set(expected)
+    for name, tensor in expected.items():
+        assert actual[name].dtype == tensor.dtype, name
+        assert torch.equal(actual[name], tensor), name
+
+
+def assert_fails_cleanly(capsys: pytest.CaptureFixture[str], tmp_path: Path, argv: list, *fragments: str) -> None:
+    """`convert(*argv)` exits 2 with every fragment in its stderr, and leaves nothing new in `tmp_path`."""
+    before = set(tmp_path.iterdir())
+    assert convert(*argv) == 2
+    err = capsys.readouterr().err
+    for fragment in fragments:
+        assert fragment in err, err
+    assert set(tmp_path.iterdir()) == before
