@@ -1,25 +1,40 @@
-"""Streaming readers of raw text datasets: parquet, JSON lines, JSON arrays, CSV and plain text.
+"""Streaming readers of raw text datasets, in the forms HF `datasets` users have.
+
+Files: parquet, Arrow IPC (`.arrow`, the stream format `datasets` writes or the file format), JSON
+lines, JSON arrays, CSV and plain text; the text forms also gzip- (`.gz`) or zstd- (`.zst`)
+compressed. `--input` may also name a directory (its files of those forms, sorted by name), a
+`datasets` `save_to_disk` directory (its `.arrow` shards in `state.json` order) or a glob.
 
 Every reader yields column batches (`{column: [value, ...]}`, at most `batch_size` rows) and keeps
-memory bounded by the batch, never the file: parquet through pyarrow `iter_batches`, JSON lines and
-text line by line, JSON arrays object by object, CSV row by row.
+memory bounded by the batch, never the file: parquet through pyarrow `iter_batches`, Arrow one
+record batch of the file at a time (`datasets` writes 1000-row batches), compressed files decompressed
+as they are read, JSON lines and text line by line, JSON arrays object by object, CSV row by row.
 """
 
 from __future__ import annotations
 
 import csv
 import glob
+import io
 import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TextIO
+from typing import IO, TextIO
 
 Batch = dict[str, list]
-SUPPORTED_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv", ".txt")
+TEXT_SUFFIXES = (".jsonl", ".json", ".csv", ".txt")
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}  # suffix -> pyarrow codec (multi-member/-frame files work)
+SUPPORTED_SUFFIXES = (
+    ".parquet", ".arrow", *TEXT_SUFFIXES, *(t + c for t in TEXT_SUFFIXES for c in COMPRESSIONS)
+)
+SUPPORTED = ".parquet, .arrow, .jsonl, .json, .csv, .txt (the last four also as .gz or .zst)"
 TEXT_FILE_COLUMN = "text"  # a .txt file is one document per line, in this column (as HF `datasets` does)
 JSON_ARRAY_CHUNK = 1 << 20
 JSON_ARRAY_MAX_OBJECT = 256 << 20  # a JSON array element larger than this is treated as corrupt
+READ_BUFFER = 1 << 20  # bytes of decompressed data buffered when reading a compressed file
+ARROW_FILE_MAGIC = b"ARROW1"  # the IPC file format starts with it; the stream format does not
+SAVE_TO_DISK_FILES = ("state.json", "dataset_info.json")  # `datasets` writes both next to its shards
 
 
 class DataInputError(ValueError):
@@ -34,29 +49,22 @@ class ReadStats:
 
 
 def expand_inputs(spec: str) -> list[str]:
-    """Resolve `--input`: comma-separated files, directories (their supported files) or glob patterns."""
+    """Resolve `--input`: comma-separated files, directories or glob patterns, to the files to read in order.
+
+    A glob's matches are sorted by name and each is taken as if named alone.
+    """
     files: list[str] = []
     for part in (p.strip() for p in spec.split(",")):
         if not part:
             continue
-        if os.path.isdir(part):
-            found = sorted(
-                os.path.join(part, name)
-                for name in os.listdir(part)
-                if name.endswith(SUPPORTED_SUFFIXES) and os.path.isfile(os.path.join(part, name))
-            )
-            if not found:
-                raise DataInputError(
-                    f"--input {part}: the directory holds no {'/'.join(SUPPORTED_SUFFIXES)} files"
-                )
-            files += found
-        elif glob.has_magic(part):
-            found = sorted(p for p in glob.glob(part) if os.path.isfile(p))
-            if not found:
+        if glob.has_magic(part):
+            matches = sorted(glob.glob(part))
+            if not matches:
                 raise DataInputError(f"--input {part}: the pattern matches no file")
-            files += [_check_suffix(p) for p in found]
-        elif os.path.isfile(part):
-            files.append(_check_suffix(part))
+            for match in matches:
+                files += _expand_path(match)
+        elif os.path.exists(part):
+            files += _expand_path(part)
         else:
             raise DataInputError(f"--input {part}: no such file or directory")
     if not files:
@@ -64,12 +72,70 @@ def expand_inputs(spec: str) -> list[str]:
     return files
 
 
+def _expand_path(path: str) -> list[str]:
+    """A file (checked to be of a supported form) or the data files of a directory."""
+    if not os.path.isdir(path):
+        return [_check_suffix(path)]
+    if os.path.isfile(os.path.join(path, "dataset_dict.json")):
+        splits = sorted(name for name in os.listdir(path) if os.path.isdir(os.path.join(path, name)))
+        raise DataInputError(
+            f"--input {path}: a `datasets` DatasetDict directory (dataset_dict.json); pass one split's "
+            f"directory: {', '.join(os.path.join(path, split) for split in splits)}"
+        )
+    if any(os.path.isfile(os.path.join(path, name)) for name in SAVE_TO_DISK_FILES):
+        return _save_to_disk_files(path)
+    found = sorted(
+        os.path.join(path, name)
+        for name in os.listdir(path)
+        if name.endswith(SUPPORTED_SUFFIXES) and os.path.isfile(os.path.join(path, name))
+    )
+    if not found:
+        raise DataInputError(f"--input {path}: the directory holds no data files; supported: {SUPPORTED}")
+    return found
+
+
+def _save_to_disk_files(path: str) -> list[str]:
+    """The `.arrow` shards of a `datasets` `save_to_disk` directory, in the order its state.json lists them."""
+    state_path = os.path.join(path, "state.json")
+    if not os.path.isfile(state_path):
+        raise DataInputError(f"--input {path}: a `datasets` save_to_disk directory without its state.json")
+    try:
+        with open(state_path, encoding="utf-8") as f:
+            names = [entry["filename"] for entry in json.load(f)["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataInputError(f"{state_path}: cannot read its `_data_files` list ({exc!r})") from exc
+    if not names:
+        raise DataInputError(f"--input {path}: the `datasets` save_to_disk directory lists no .arrow data files")
+    missing = [name for name in names if not os.path.isfile(os.path.join(path, name))]
+    if missing:
+        raise DataInputError(
+            f"--input {path}: data file(s) {', '.join(missing)} listed in its state.json are missing"
+        )
+    return [_check_suffix(os.path.join(path, name)) for name in names]
+
+
 def _check_suffix(path: str) -> str:
     if not path.endswith(SUPPORTED_SUFFIXES):
-        raise DataInputError(
-            f"--input {path}: unsupported file type; supported: {', '.join(SUPPORTED_SUFFIXES)}"
-        )
+        raise DataInputError(f"--input {path}: unsupported file type; supported: {SUPPORTED}, or a directory")
     return path
+
+
+def _split_suffix(path: str) -> tuple[str, str | None]:
+    """(format suffix, pyarrow compression codec or None) of a supported file name."""
+    for suffix, codec in COMPRESSIONS.items():
+        if path.endswith(suffix):
+            return os.path.splitext(path[: -len(suffix)])[1], codec
+    return os.path.splitext(path)[1], None
+
+
+def _open_binary(path: str) -> IO[bytes]:
+    """`path` opened for reading bytes, decompressed on the fly when it is compressed."""
+    codec = _split_suffix(path)[1]
+    if codec is None:
+        return open(path, "rb")
+    import pyarrow as pa
+
+    return io.BufferedReader(pa.input_stream(path, compression=codec), READ_BUFFER)
 
 
 def read_batches(
@@ -82,11 +148,25 @@ def read_batches(
 ) -> Iterator[Batch]:
     """Stream `path` as batches holding the `required` columns (an error if absent) and `optional` ones
     (None where absent)."""
-    if path.endswith(".parquet"):
+    try:
+        yield from _batches(path, required, optional, batch_size, stats, skip_bad_lines)
+    except OSError as exc:  # unreadable file, or damaged compressed data (pyarrow's codecs raise OSError)
+        raise DataInputError(f"{path}: cannot read the file ({exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise DataInputError(f"{path}: invalid UTF-8 ({exc.reason})") from exc
+
+
+def _batches(
+    path: str, required: list[str], optional: list[str], batch_size: int, stats: ReadStats, skip_bad_lines: bool
+) -> Iterator[Batch]:
+    form = _split_suffix(path)[0]
+    if form == ".parquet":
         yield from _parquet_batches(path, required, optional, batch_size)
-    elif path.endswith(".csv"):
+    elif form == ".arrow":
+        yield from _arrow_batches(path, required, optional, batch_size)
+    elif form == ".csv":
         yield from _csv_batches(path, required, optional, batch_size)
-    elif path.endswith(".txt"):
+    elif form == ".txt":
         extra = [c for c in required if c != TEXT_FILE_COLUMN]
         if extra:
             raise DataInputError(
@@ -136,9 +216,45 @@ def _parquet_batches(path: str, required: list[str], optional: list[str], batch_
         yield batch
 
 
+def _arrow_batches(path: str, required: list[str], optional: list[str], batch_size: int) -> Iterator[Batch]:
+    """An Arrow IPC stream (what `datasets` writes) or file, read one of its record batches at a time (not
+    memory-mapped, so RSS stays flat), of which `batch_size` rows at a time become Python objects."""
+    import pyarrow as pa
+
+    with pa.OSFile(path) as source:
+        try:
+            file_format = source.read(len(ARROW_FILE_MAGIC)) == ARROW_FILE_MAGIC
+            source.seek(0)
+            reader = pa.ipc.open_file(source) if file_format else pa.ipc.open_stream(source)
+        except (pa.ArrowException, OSError) as exc:
+            raise DataInputError(f"{path}: not a readable Arrow IPC stream or file ({exc})") from exc
+        names = reader.schema.names
+        missing = [c for c in required if c not in names]
+        if missing:
+            raise _missing_column_error(path, missing, names)
+        present = [c for c in required + optional if c in names]
+        batches = (reader.get_batch(i) for i in range(reader.num_record_batches)) if file_format else iter(reader)
+        index = 0
+        while True:
+            try:
+                record_batch = next(batches, None)
+            except (pa.ArrowException, OSError) as exc:
+                raise DataInputError(f"{path}: damaged Arrow data in record batch {index} ({exc})") from exc
+            if record_batch is None:
+                return
+            index += 1
+            record_batch = record_batch.select(present)
+            for start in range(0, record_batch.num_rows, batch_size):
+                rows = record_batch.slice(start, batch_size)
+                batch = rows.to_pydict()
+                for column in optional:
+                    batch.setdefault(column, [None] * rows.num_rows)
+                yield batch
+
+
 def _csv_batches(path: str, required: list[str], optional: list[str], batch_size: int) -> Iterator[Batch]:
     csv.field_size_limit(1 << 30)
-    with open(path, newline="", encoding="utf-8") as f:
+    with io.TextIOWrapper(_open_binary(path), encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
         names = list(reader.fieldnames or [])
         missing = [c for c in required if c not in names]
@@ -171,7 +287,7 @@ def _record_batches(
 
 def _text_lines(path: str, stats: ReadStats, skip_bad_lines: bool) -> Iterator[tuple[int, str]]:
     """(line number, line without its newline) of a UTF-8 file, read in binary to report bad lines."""
-    with open(path, "rb") as f:
+    with _open_binary(path) as f:
         for number, raw in enumerate(f, start=1):
             try:
                 line = raw.decode("utf-8")
@@ -204,9 +320,9 @@ def _json_line_records(path: str, stats: ReadStats, skip_bad_lines: bool) -> Ite
 
 def _is_json_array(path: str) -> bool:
     """A .json file is either a JSON array of objects or JSON lines: peek at its first character."""
-    if not path.endswith(".json"):
+    if _split_suffix(path)[0] != ".json":
         return False
-    with open(path, "rb") as f:
+    with _open_binary(path) as f:
         head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
     return head.startswith(b"[")
 
@@ -254,7 +370,7 @@ class _JsonArrayScanner:
 
 
 def _json_array_records(path: str) -> Iterator[dict]:
-    with open(path, encoding="utf-8-sig") as f:
+    with io.TextIOWrapper(_open_binary(path), encoding="utf-8-sig") as f:
         scanner = _JsonArrayScanner(path, f)
         try:
             scanner.expect("[", "at the start of the JSON array")

@@ -253,11 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qwen3-pretrain preprocess",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Tokenize text (parquet, jsonl, json, csv, txt) into Megatron .bin/.idx files; "
-        "the flags are MindSpeed-LLM preprocess_data.py's.",
+        description="Tokenize text (parquet, arrow, jsonl, json, csv, txt; .gz/.zst; `datasets` save_to_disk "
+        "directories) into Megatron .bin/.idx files; the flags are MindSpeed-LLM preprocess_data.py's.",
     )
     data = parser.add_argument_group("input data")
-    data.add_argument("--input", required=True, help="a file, a directory, a glob, or several comma-separated")
+    data.add_argument(
+        "--input", required=True,
+        help="a file, a directory (its files by name, or a `datasets` save_to_disk directory), a glob, "
+        "or several comma-separated",
+    )
     data.add_argument("--handler-name", default="GeneralPretrainHandler", help=f"one of {', '.join(HANDLERS)}")
     data.add_argument("--json-keys", nargs="+", default=["text"], help="columns to tokenize, one output per key")
     data.add_argument(
