@@ -254,12 +254,14 @@ class FakeTorchNpu(types.ModuleType):
         **kwargs: Any,
     ) -> tuple[Any, ...]:
         self.calls.append(("npu_fusion_attention", (query, key, value, head_num, input_layout), kwargs))
-        assert input_layout == "BSND" and kwargs["sparse_mode"] == 2
+        assert input_layout == "BSND" and kwargs["sparse_mode"] in (0, 2)
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [b, n, s, d]
         groups = head_num // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         s = q.shape[2]
-        mask = kwargs["atten_mask"][:s, :s]  # sparse_mode 2: the 2048 x 2048 mask's top-left corner
+        mask = kwargs["atten_mask"]  # sparse_mode 0: the explicit [b, 1, s, s] mask
+        if kwargs["sparse_mode"] == 2:  # the 2048 x 2048 causal mask's top-left corner
+            mask = mask[:s, :s]
         scores = (q @ k.transpose(-1, -2) * kwargs["scale"]).masked_fill(mask, float("-inf"))
         out = (scores.softmax(-1) @ v).transpose(1, 2)  # [b, s, n, d]
         return out, None, None, None, 0, 0, 0
@@ -329,6 +331,15 @@ def test_decoder_layer_runs_every_npu_kernel_and_matches_reference(fake_npu: Fak
         "npu_rms_norm", "npu_swiglu",  # post_attention_layernorm, MLP
     ]
     torch.testing.assert_close(on_npu, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_npu_document_mask_is_an_explicit_mask(fake_npu: FakeTorchNpu) -> None:
+    q, k, v = _randn(B, S, HEADS, D), _randn(B, S, KV_HEADS, D, seed=1), _randn(B, S, KV_HEADS, D, seed=2)
+    ids = torch.tensor([[0] * 5 + [1] * 6, [0] * 2 + [1] * 4 + [2] * 5])  # [b, s]: documents of each sample
+    got = kernels.attention(q, k, v, 0.25, NPU, document_ids=ids)
+    (_, _, kwargs), = fake_npu.calls
+    assert kwargs["sparse_mode"] == 0 and torch.equal(kwargs["atten_mask"], ~kernels.document_causal_mask(ids))
+    torch.testing.assert_close(got, kernels.attention(q, k, v, 0.25, TORCH, document_ids=ids), rtol=1e-5, atol=1e-6)
 
 
 def test_npu_causal_mask_is_built_once_per_device(fake_npu: FakeTorchNpu) -> None:

@@ -37,6 +37,10 @@ from qwen3_pretrain.distributed.planner import (
         ),
         (Layout(tp=1, pp=1, dp=3, micro_batch_size=1), "--global-batch-size 64 is not divisible"),
         (Layout(tp=1, pp=1, dp=1, micro_batch_size=1, sequence_parallel=True), "--sequence-parallel"),
+        (Layout(1, 1, 64, 1, "selective", recompute_method="block", recompute_num_layers=2),
+         "--recompute-method and --recompute-num-layers do not apply to --recompute-granularity selective"),
+        (Layout(1, 1, 64, 1, "full", recompute_method="uniform"), "needs --recompute-num-layers N >= 1"),
+        (Layout(1, 1, 64, 1, "full", recompute_num_layers=2), "--recompute-num-layers needs --recompute-method"),
     ],
 )
 def test_invalid_layouts_name_the_flag(layout: Layout, needle: str) -> None:
@@ -70,6 +74,33 @@ def test_activations_scale_with_tokens_and_shrink_with_tp_sp_and_recompute() -> 
     selective = estimate_memory(cfg, Layout(1, 1, 8, 1, "selective"), 4096).activations
     full = estimate_memory(cfg, Layout(1, 1, 8, 1, "full"), 4096).activations
     assert full < selective < base
+
+
+def test_recompute_method_counts_recomputed_and_kept_blocks() -> None:
+    """block N keeps the activations of the other blocks; uniform N keeps one input per group of N and
+    recomputes a whole group at once; both with one more forward of the blocks they recompute."""
+    cfg = get_preset("qwen3-1.7b")  # 28 layers
+
+    def estimate(pp: int = 1, **recompute: Any) -> tuple[MemoryEstimate, float]:
+        layout = Layout(1, pp, 8 // pp, 1, **recompute)
+        time = estimate_step_time(cfg, layout, 4096, 64, peak_tflops=280.0, link_gbps=196.0)
+        return estimate_memory(cfg, layout, 4096, loss_chunk_tokens=1024), time.step_seconds
+
+    (none, none_s), (full, full_s) = estimate(), estimate(recompute="full")
+    block, block_s = estimate(recompute="full", recompute_method="block", recompute_num_layers=7)
+    assert none.total > block.total > full.total and none_s < block_s < full_s
+    assert block.activations == pytest.approx(none.activations * 21 / 28 + full.activations * 7 / 28)
+    assert block_s - none_s == pytest.approx((full_s - none_s) / 4)  # a quarter of the blocks recomputed
+    assert block.backward == none.backward < full.backward  # the kept blocks' backward frees room first
+    assert estimate(recompute="full", recompute_method="block", recompute_num_layers=28) == (full, full_s)
+    assert estimate(recompute="full", recompute_method="uniform", recompute_num_layers=1) == (full, full_s)
+    uniform, uniform_s = estimate(recompute="full", recompute_method="uniform", recompute_num_layers=4)
+    assert uniform.activations == pytest.approx(full.activations / 4) and uniform_s == full_s
+    assert uniform.backward > full.backward  # four blocks rematerialised at once
+    assert uniform.weights > full.weights  # ... and unsharded by FSDP2 from their recompute to their backward
+    # per pipeline stage: 14 layers, block 14 recomputes all of them
+    staged = estimate(pp=2, recompute="full", recompute_method="block", recompute_num_layers=14)
+    assert staged == estimate(pp=2, recompute="full")
 
 
 def test_peak_holds_the_loss_or_one_block_backward_not_both() -> None:

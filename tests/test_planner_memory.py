@@ -22,7 +22,9 @@ The estimate's fixed `overhead` (device context, caching-allocator slack, collec
 accelerator) is excluded: the CPU runtime's fixed costs are in the baseline after the warm-up run.
 Weights, gradients, optimizer states, activations, the loss buffers and the backward working set
 are the planner's own: an estimate that ignored the activations (the micro batch 8 layout), the
-loss buffers (micro batch 4) or the recomputed block (full recompute) would be off by more than 20%.
+loss buffers (micro batch 4) or the recomputed block (full recompute) would be off by more than 20%, and so
+would one that recomputed a uniform group block by block, or counted a recomputed block of
+`--recompute-method block` on top of the activations the kept blocks have freed by then.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class Case:
             "micro_batch_size": mbs, "global_batch_size": 2 * mbs * lay.dp,
             "tensor_model_parallel_size": lay.tp, "sequence_parallel": lay.sequence_parallel,
             "recompute_granularity": None if lay.recompute == "none" else lay.recompute, "no_shard": not lay.shard,
+            "recompute_method": lay.recompute_method, "recompute_num_layers": lay.recompute_num_layers,
             "bf16": self.bf16,
         }
         shape = {} if tiny else {**SHAPE, "padded_vocab_size": self.vocab}
@@ -89,6 +92,10 @@ CASES = [
     Case("1 process, micro batch 8", Layout(1, 1, 1, 8)),
     Case("1 process, selective recompute, vocab 512", Layout(1, 1, 1, 4, "selective"), vocab=512),
     Case("1 process, full recompute, vocab 512", Layout(1, 1, 1, 4, "full"), vocab=512),
+    Case("1 process, full recompute of 2 blocks of 4, vocab 512",
+         Layout(1, 1, 1, 4, "full", recompute_method="block", recompute_num_layers=2), vocab=512),
+    Case("1 process, full recompute in groups of 2 blocks, vocab 512",
+         Layout(1, 1, 1, 4, "full", recompute_method="uniform", recompute_num_layers=2), vocab=512),
     Case("FSDP2 over 2 processes", Layout(1, 1, 2, 4)),
     Case("1 process, bf16, micro batch 4", Layout(1, 1, 1, 4), bf16=True),
     Case("FSDP2 over 2 processes, bf16", Layout(1, 1, 2, 4), bf16=True),

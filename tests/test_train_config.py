@@ -118,7 +118,6 @@ BAD = [
      "world size 3 is not divisible by --tensor-model-parallel-size 1 x --pipeline"),
     ({"pipeline_model_parallel_size": 2, "num_layer_list": "1,2"}, 2, "--num-layer-list 1,2 must give 2 positive"),
     ({"pipeline_model_parallel_size": 2, "num_layer_list": "1,x"}, 2, "--num-layer-list '1,x' must be comma-separated"),
-    ({"pipeline_model_parallel_size": 2, "reset_position_ids": True}, 2, "--reset-position-ids is not supported with"),
     ({"pipeline_model_parallel_size": 2, "global_batch_size": 2}, 2,
      "the 1f1b pipeline schedule needs the number of micro batches per step (1 = global batch"),
     ({"num_layers": 4, "pipeline_model_parallel_size": 2, "num_layers_per_virtual_pipeline_stage": 1,
@@ -135,6 +134,16 @@ BAD = [
     ({"lr_warmup_iters": 6}, 1, "the LR warmup (48 samples) is not shorter than the decay (48 samples)"),
     ({"micro_batch_size": 0}, 1, "--micro-batch-size must be > 0"),
     ({"attention_backend": "fa3"}, 1, "--attention-backend 'fa3': use one of auto, flash, fused, efficient, unfused"),
+    ({"recompute_granularity": "selective", "recompute_method": "block", "recompute_num_layers": 1}, 1,
+     "--recompute-method and --recompute-num-layers do not apply to --recompute-granularity selective"),
+    ({"recompute_granularity": "full", "recompute_method": "block"}, 1,
+     "--recompute-method block needs --recompute-num-layers N >= 1"),
+    ({"recompute_granularity": "full", "recompute_num_layers": 2}, 1,
+     "--recompute-num-layers needs --recompute-method uniform or block"),
+    ({"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 0}, 1,
+     "--recompute-num-layers must be > 0"),
+    ({"recompute_granularity": "full", "recompute_method": "blocks", "recompute_num_layers": 1}, 1,
+     "--recompute-method 'blocks': use one of uniform, block"),
 ]
 
 
@@ -166,6 +175,15 @@ def test_attention_backend_choices_are_the_kernels_and_do_not_apply_on_npu(
     assert prepare(tiny_flags(data, skip_memory_check=True)).resolved.notes == []
     notes = prepare(tiny_flags(data, attention_backend="flash", skip_memory_check=True)).resolved.notes
     assert notes == ["--attention-backend flash (Ascend NPUs use npu_fusion_attention)"]
+
+
+def test_recompute_method_applies_to_full_granularity_only(data: str) -> None:
+    flags = {"recompute_method": "block", "recompute_num_layers": 1}
+    config = prepare(tiny_flags(data, recompute_granularity="full", **flags))
+    assert (config.parallel.recompute_method, config.parallel.recompute_num_layers) == ("block", 1)
+    assert config.ignored == [] and config.resolved.notes == []
+    notes = prepare(tiny_flags(data, **flags)).resolved.notes  # Megatron ignores them without a granularity
+    assert notes == ["--recompute-method --recompute-num-layers (no --recompute-granularity)"]
 
 
 def test_tokenizer_larger_than_the_model(data: str, qwen3_tokenizer_dir: Path) -> None:

@@ -42,10 +42,10 @@ def detect_format(path: str | os.PathLike[str]) -> str | None:
         return None
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
         return "hf"
-    if is_mcore_checkpoint(path):
-        return "mcore"
     candidates = [path, *(p for p in path.iterdir() if ITER_DIR_PATTERN.match(p.name))]
-    return "native" if any(is_native_checkpoint_dir(c) for c in candidates) else None
+    if any(is_native_checkpoint_dir(c) for c in candidates):  # first: `--ckpt-format torch` saves hold both
+        return "native"
+    return "mcore" if is_mcore_checkpoint(path) else None
 
 
 class CheckpointSource(ABC):

@@ -503,6 +503,43 @@ def staged_output_dir(target: str | os.PathLike[str], flag: str = "--save-dir") 
 # ---- HF -> mcore -------------------------------------------------------------------------------------
 
 
+def add_mcore_rank_files(
+    iteration_dir: Path, tensors: Iterable[tuple[str, torch.Tensor]], config: Qwen3Config, layout: McoreLayout,
+    iteration: int, pp_ranks: int | None = None,
+) -> None:
+    """Write HF-named tensors as the `mp_rank_*/model_optim_rng.pt` files of `iteration_dir` (an existing
+    directory, e.g. a native checkpoint's `iter_N` before it is committed), so that Megatron/MindSpeed load
+    the same directory as an mcore (`--ckpt-format torch`) checkpoint of `layout`.
+
+    With `pp_ranks` below the layout's stage count (a virtual pipeline), pipeline rank r's file holds stage
+    r + v * pp_ranks as "model{v}", as Megatron's interleaved schedule saves it.
+    """
+    scratch = iteration_dir / ".mcore"
+    write_mcore_checkpoint(tensors, config, scratch, layout, iteration)
+    written = scratch / f"iter_{iteration:07d}"
+    ranks = layout.pp if pp_ranks is None else pp_ranks
+    if ranks == layout.pp:
+        for rank_dir in sorted(written.iterdir()):
+            os.replace(rank_dir, iteration_dir / rank_dir.name)
+    else:
+        virtual = layout.pp // ranks
+        for tp_rank in range(layout.tp):
+            for pp_rank in range(ranks):
+                chunks = [load_pt(written / rank_dir_name(tp_rank, pp_rank + v * ranks, layout.pp) / MODEL_FILE)
+                          for v in range(virtual)]
+                merged = {k: v for k, v in chunks[0].items() if k != "model"}
+                merged.update({f"model{v}": chunk["model"] for v, chunk in enumerate(chunks)})
+                merged["args"] = argparse.Namespace(**{
+                    **vars(chunks[0]["args"]), "pipeline_model_parallel_size": ranks, "num_layer_list": None,
+                    "num_layers_per_virtual_pipeline_stage": layout.stage_layers[0],
+                })
+                rank_dir = iteration_dir / rank_dir_name(tp_rank, pp_rank, ranks)
+                rank_dir.mkdir()
+                torch.save(merged, rank_dir / MODEL_FILE)
+    shutil.rmtree(scratch)
+
+
+
 class _Entry(NamedTuple):
     """One tensor of one stage's files: its mcore key, how it is built and from which HF tensors."""
 

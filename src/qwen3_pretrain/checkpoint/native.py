@@ -313,11 +313,14 @@ def save_checkpoint(
     train_state: dict[str, Any],
     config: Mapping[str, Any],
     keep_last: int | None = None,
+    also_write: Callable[[Path], None] | None = None,
 ) -> Path:
     """Save model, optimizer, LR scheduler, train state, config and RNG states of `iteration`; collective.
 
     Call on every rank (or in a single process without a process group). Returns the final
     `iter_N` directory. `keep_last` deletes older checkpoints beyond the newest `keep_last`.
+    `also_write(directory)` runs on rank 0 on the complete checkpoint before it is committed (other
+    formats of the same weights, written into the same directory, appear atomically with it).
     An optimizer that has not stepped yet is recorded as empty (DCP would otherwise initialise
     its state with a zero step, which changes the live optimizer).
     """
@@ -357,6 +360,8 @@ def save_checkpoint(
     def commit() -> None:
         _write_durably(staging / TRAIN_STATE_FILE, lambda f: f.write(meta_bytes))
         _write_durably(staging / CONFIG_FILE, lambda f: f.write(config_text.encode()))
+        if also_write is not None:
+            also_write(staging)
         replace_directory(staging, final)
         _write_latest(save_dir, iteration)
         if keep_last is not None:

@@ -23,6 +23,10 @@ PP_FLAG = flag_name("pipeline_model_parallel_size")
 NUM_LAYER_LIST_FLAG = flag_name("num_layer_list")
 VIRTUAL_FLAG = flag_name("num_layers_per_virtual_pipeline_stage")
 SEQUENCE_PARALLEL_FLAG = flag_name("sequence_parallel")
+RECOMPUTE_GRANULARITY_FLAG = flag_name("recompute_granularity")
+RECOMPUTE_METHOD_FLAG = flag_name("recompute_method")
+RECOMPUTE_NUM_LAYERS_FLAG = flag_name("recompute_num_layers")
+RECOMPUTE_METHODS = ("uniform", "block")
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,47 @@ def check_tensor_parallel(
 def sequence_parallel_ignored(sequence_parallel: bool, tp_size: int) -> bool:
     """Megatron turns --sequence-parallel off at TP 1 (there is nothing to shard over)."""
     return sequence_parallel and tp_size == 1
+
+
+def recompute_ignored(granularity: str | None, method: str | None, num_layers: int | None) -> bool:
+    """Megatron ignores --recompute-method and --recompute-num-layers without --recompute-granularity."""
+    return granularity is None and (method is not None or num_layers is not None)
+
+
+def check_recompute(granularity: str | None, method: str | None, num_layers: int | None) -> None:
+    """Megatron's rules for the recompute flags: a method (with N >= 1 layers) applies to full granularity only."""
+    if granularity is None or (method is None and num_layers is None):
+        return
+    if granularity == "selective":
+        raise ConfigError(
+            f"{RECOMPUTE_METHOD_FLAG} and {RECOMPUTE_NUM_LAYERS_FLAG} do not apply to {RECOMPUTE_GRANULARITY_FLAG} "
+            f"selective, which recomputes part of every block; drop them or use {RECOMPUTE_GRANULARITY_FLAG} full"
+        )
+    if method is None:
+        raise ConfigError(f"{RECOMPUTE_NUM_LAYERS_FLAG} needs {RECOMPUTE_METHOD_FLAG} uniform or block")
+    if method not in RECOMPUTE_METHODS:
+        raise ConfigError(f"{RECOMPUTE_METHOD_FLAG} {method!r}: use one of {', '.join(RECOMPUTE_METHODS)}")
+    if num_layers is None or num_layers < 1:
+        raise ConfigError(
+            f"{RECOMPUTE_METHOD_FLAG} {method} needs {RECOMPUTE_NUM_LAYERS_FLAG} N >= 1 (uniform: layers per "
+            f"checkpointed group; block: layers recomputed in each pipeline stage), got {num_layers}"
+        )
+
+
+def recompute_groups(num_layers: int, method: str | None, group_layers: int | None) -> list[range]:
+    """The layers full recompute checkpoints among a pipeline stage's `num_layers`, as consecutive groups that
+    are each checkpointed as one unit keeping only its input (Megatron's `--recompute-method`).
+
+    No method: every layer on its own. uniform N: all layers in groups of N, the last group shorter when N
+    does not divide them. block N: each of the first N layers on its own; the others keep their activations.
+    An N above `num_layers` covers them all.
+    """
+    check_recompute("full", method, group_layers)
+    if method is None or group_layers is None:
+        return [range(i, i + 1) for i in range(num_layers)]
+    if method == "uniform":
+        return [range(start, min(start + group_layers, num_layers)) for start in range(0, num_layers, group_layers)]
+    return [range(i, i + 1) for i in range(min(group_layers, num_layers))]
 
 
 def check_batch_split(global_batch_size: int, micro_batch_size: int, dp_size: int) -> int:

@@ -20,14 +20,19 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from qwen3_pretrain.config.flag_table import accepted_table_flags
 from qwen3_pretrain.config.layout import (
     PIPELINE_SCHEDULES,
+    RECOMPUTE_GRANULARITY_FLAG,
+    RECOMPUTE_METHODS,
     PipelineLayout,
     check_batch_split,
+    check_recompute,
     check_tensor_parallel,
     flag_name,
     parse_layer_list,
     pipeline_layout,
+    recompute_ignored,
     sequence_parallel_ignored,
 )
 from qwen3_pretrain.config.model import ConfigError, Qwen3Config
@@ -37,6 +42,9 @@ WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 ATTENTION_BACKENDS = ("auto", "flash", "fused", "efficient", "unfused")  # model.kernels.ATTENTION_BACKENDS
 CONFIG_FLAG = "--config"
+CKPT_FORMATS = ("torch_dist", "torch")
+CP_ALGOS = ("megatron_cp_algo", "ulysses_cp_algo", "hybrid_cp_algo", "hybrid_adaptive_cp_algo", "kvallgather_cp_algo")
+HF_MODEL_TYPES = ("qwen3",)
 PRECISION_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # precision -> torch dtype name
 
 
@@ -77,12 +85,24 @@ class DataArgs:
         metadata={"help": "dataset prefixes, or WEIGHT PREFIX pairs (Megatron .bin/.idx)", "choices": None},
     )
     split: str = _opt("969, 30, 1", "train,valid,test proportions of the documents")
+    train_data_path: list[str] | None = field(
+        default=None, metadata={"help": "training datasets (PREFIX..., or WEIGHT PREFIX pairs) instead of --data-path "
+                                        "+ --split", "choices": None},
+    )
+    valid_data_path: list[str] | None = field(
+        default=None, metadata={"help": "validation datasets, with --train-data-path", "choices": None}
+    )
+    test_data_path: list[str] | None = field(
+        default=None, metadata={"help": "test datasets, with --train-data-path", "choices": None}
+    )
+    mock_data: bool = _opt(False, "random tokens instead of a dataset (benchmarks and smoke runs)")
     seq_length: int | None = _opt(None, "tokens per sample")
     tokenizer_name_or_path: str | None = _opt(None, "HF tokenizer directory (checks the vocabulary fits the model)")
     data_cache_path: str | None = _opt(None, "directory for the cached sample indices")
     num_workers: int = _opt(2, "data loader worker processes")
     eod_mask_loss: bool = _opt(False, "no loss on positions whose input token is end-of-document")
     reset_position_ids: bool = _opt(False, "restart position ids after every end-of-document")
+    reset_attention_mask: bool = _opt(False, "attention stays within each document (never past an end-of-document)")
     eod_token_id: int = _opt(151643, "end-of-document token id (Qwen3 <|endoftext|>)")
 
 
@@ -96,6 +116,8 @@ class TrainingArgs:
     train_samples: int | None = _opt(None, "samples to train on (instead of --train-iters)")
     seed: int = _opt(1234, "random seed (weight init, data order)")
     stop_after_nonfinite_iters: int = _opt(10, "stop when this many iterations in a row had non-finite loss/grads")
+    exit_interval: int | None = _opt(None, "save and exit 0 when the iteration is a multiple of this")
+    exit_duration_in_mins: float | None = _opt(None, "save and exit 0 once training has run this many minutes")
 
 
 @dataclass
@@ -158,6 +180,11 @@ class ParallelArgs:
 
     tensor_model_parallel_size: int = _opt(1, "tensor parallel size")
     pipeline_model_parallel_size: int = _opt(1, "pipeline parallel size")
+    context_parallel_size: int = _opt(1, "context parallel size (only 1 until context parallelism lands)")
+    context_parallel_algo: str = _opt(
+        "megatron_cp_algo", "context parallel algorithm (MindSpeed's names; no effect at --context-parallel-size 1)",
+        CP_ALGOS,
+    )
     num_layer_list: str | None = _opt(None, "decoder layers per pipeline stage, comma-separated (default: even)")
     num_layers_per_virtual_pipeline_stage: int | None = _opt(
         None, "layers per virtual pipeline stage: interleaved 1F1B with several stages per rank"
@@ -168,6 +195,12 @@ class ParallelArgs:
     sequence_parallel: bool = _opt(False, "shard norms and the residual stream over TP (needs TP > 1)")
     no_shard: bool = _opt(False, "replicate weights and optimizer state over DP (DDP-style) instead of FSDP")
     recompute_granularity: str | None = _opt(None, "activation recomputation per block", RECOMPUTE_GRANULARITIES)
+    recompute_method: str | None = _opt(
+        None, "which blocks full recompute checkpoints: uniform = all, in groups of --recompute-num-layers kept as "
+        "one unit; block = the first --recompute-num-layers of each pipeline stage (default: every block alone)",
+        RECOMPUTE_METHODS,
+    )
+    recompute_num_layers: int | None = _opt(None, "blocks per uniform group, or recomputed blocks per stage (block)")
     compile: bool = _opt(False, "torch.compile each transformer block")
     attention_backend: str = _opt(
         "auto", "attention kernel tried first: flash, fused (cuDNN), efficient; unfused = math only; auto = torch's "
@@ -189,17 +222,49 @@ class CheckpointArgs:
     no_load_rng: bool = _opt(False, "do not restore RNG states")
     finetune: bool = _opt(False, "load weights only and start at iteration 0")
     keep_last_checkpoints: int | None = _opt(None, "delete older checkpoints of this run so that this many remain")
+    exit_on_missing_checkpoint: bool = _opt(False, "fail when --load holds no checkpoint (instead of starting fresh)")
+    ckpt_format: str = _opt(
+        "torch_dist", "torch_dist: native DCP checkpoints; torch: also the weights as Megatron mcore rank files "
+        "(iter_N/mp_rank_*/model_optim_rng.pt) that MindSpeed/Megatron load", CKPT_FORMATS,
+    )
+    enable_hf2mg_convert: bool = _opt(False, "--load names an HF model directory, loaded into the run's layout")
+    model_type_hf: str | None = _opt(None, "the HF model type for --enable-hf2mg-convert (qwen3)")
 
 
 @dataclass
 class LoggingArgs:
-    """Log line, evaluation, metrics files."""
+    """Log line, evaluation, metrics files (JSONL, TensorBoard, Weights & Biases), the torch profiler."""
 
     log_interval: int = _opt(100, "print the iteration line every this many iterations")
     eval_interval: int = _opt(1000, "evaluate on the validation split every this many iterations")
     eval_iters: int = _opt(100, "global batches per evaluation")
     tensorboard_dir: str | None = _opt(None, "write TensorBoard scalars here")
+    tensorboard_log_interval: int = _opt(
+        1, "write the per-iteration scalars (loss, learning rate, grad norm, ...) every this many iterations"
+    )
+    log_memory_to_tensorboard: bool = _opt(False, "also write the measured peak and estimated memory per device")
     run_dir: str | None = _opt(None, "write metrics.jsonl here (default: the --save directory)")
+    wandb_project: str | None = _opt(
+        None, "log the TensorBoard scalars to this W&B project (offline unless $WANDB_MODE is set)"
+    )
+    wandb_exp_name: str | None = _opt(None, "W&B run name")
+    wandb_save_dir: str | None = _opt(None, "W&B run files go here (default: <run dir>/wandb)")
+    wandb_entity: str | None = _opt(None, "W&B entity (user or team)")
+    profile: bool = _opt(False, "torch.profiler trace of iterations [--profile-step-start, --profile-step-end)")
+    profile_step_start: int = _opt(10, "profile from this many completed iterations")
+    profile_step_end: int = _opt(12, "stop profiling at this many completed iterations")
+    profile_ranks: list[int] = field(
+        default_factory=lambda: [0], metadata={"help": "global ranks to profile (-1: all ranks)", "choices": None}
+    )
+    profile_save_path: str | None = _opt(
+        None, "directory for the traces (default: <tensorboard dir, else run dir>/profile, else ./profile_dir)"
+    )
+    profile_with_cpu: bool = _opt(False, "record CPU operators on accelerators too (always on CPU)")
+    profile_with_stack: bool = _opt(False, "record the Python stack of each operator")
+    profile_with_memory: bool = _opt(False, "record tensor allocations and frees")
+    profile_record_shapes: bool = _opt(False, "record operator input shapes")
+    pytorch_profiler_collect_shapes: bool = _opt(False, "Megatron's name of --profile-record-shapes")
+    pytorch_profiler_collect_callstack: bool = _opt(False, "Megatron's name of --profile-with-stack")
 
 
 SECTIONS: dict[str, type] = {
@@ -213,44 +278,11 @@ SECTIONS: dict[str, type] = {
     "logging": LoggingArgs,
 }
 
-# Megatron/MindSpeed flags that do not apply here: flag -> number of values it takes.
-IGNORED_FLAGS: dict[str, int] = {
-    **dict.fromkeys(
-        (
-            "--use-mcore-models", "--use-legacy-models", "--use-flash-attn", "--use-fused-rmsnorm",
-            "--use-fused-swiglu", "--use-fused-rotary-pos-emb", "--use-rotary-position-embeddings",
-            "--no-masked-softmax-fusion", "--no-gradient-accumulation-fusion", "--no-bias-dropout-fusion",
-            "--no-bias-gelu-fusion", "--no-bias-swiglu-fusion", "--no-rope-fusion", "--masked-softmax-fusion",
-            "--attention-softmax-in-fp32", "--accumulate-allreduce-grads-in-fp32", "--use-distributed-optimizer",
-            "--overlap-grad-reduce", "--overlap-param-gather", "--exit-on-missing-checkpoint",
-            "--no-shared-storage", "--use-mc2", "--reuse-fp32-param", "--use-cpu-initialization",
-            "--qk-layernorm", "--swiglu", "--disable-bias-linear", "--exit-signal-handler",
-            "--no-async-tensor-model-parallel-allreduce", "--use-fused-ring-attention-update",
-            "--manual-gc", "--no-create-attention-mask-in-dataloader", "--log-throughput",
-            "--log-timers-to-tensorboard", "--log-validation-ppl-to-tensorboard",
-        ),
-        0,
-    ),
-    **dict.fromkeys(
-        (
-            "--distributed-backend", "--tokenizer-type", "--normalization", "--position-embedding-type",
-            "--hidden-dropout", "--attention-dropout", "--transformer-impl", "--recompute-method",
-            "--recompute-num-layers", "--ckpt-format", "--manual-gc-interval",
-            "--rotary-percent", "--attention-mask-type", "--log-level",
-        ),
-        1,
-    ),
-    "--spec": 2,
-}
-
-# Ignored flags whose value must still describe a Qwen3 model: flag -> accepted values.
-_FIXED_BY_QWEN3: dict[str, tuple[str, ...]] = {
-    "--normalization": ("RMSNorm",),
-    "--position-embedding-type": ("rope",),
-    "--hidden-dropout": ("0", "0.0"),
-    "--attention-dropout": ("0", "0.0"),
-    "--rotary-percent": ("1", "1.0"),
-    "--tokenizer-type": ("PretrainedFromHF", "HuggingFaceTokenizer"),
+# Section -> the title of the matching Megatron argument group(s) in `train --help`.
+SECTION_TITLES: dict[str, str] = {
+    "model": "network size", "data": "data and dataloader", "training": "training", "optimizer":
+    "learning rate, weight decay and optimizer", "precision": "mixed precision", "parallel": "distributed",
+    "checkpoint": "checkpointing", "logging": "logging, validation and profiling",
 }
 
 # Model flags -> Qwen3Config fields (num_query_groups and the tie flag are handled separately).
@@ -273,14 +305,13 @@ _QWEN3_FIELD_FLAGS: dict[str, str] = {
 }
 
 
-def _field_types() -> dict[str, tuple[str, type]]:
-    """field name -> (section, base type) for every config field."""
-    table: dict[str, tuple[str, type]] = {}
+def _field_types() -> dict[str, tuple[str, Any]]:
+    """field name -> (section, base type) for every config field; lists keep their item type (`list[int]`)."""
+    table: dict[str, tuple[str, Any]] = {}
     for section, cls in SECTIONS.items():
         for name, hint in typing.get_type_hints(cls).items():
             args = [a for a in typing.get_args(hint) if a is not type(None)]
-            base = args[0] if typing.get_origin(hint) in (Union, types.UnionType) else hint
-            table[name] = (section, list if typing.get_origin(base) is list else base)
+            table[name] = (section, args[0] if typing.get_origin(hint) in (Union, types.UnionType) else hint)
     return table
 
 
@@ -288,19 +319,13 @@ FIELDS = _field_types()
 
 
 def known_flags() -> list[str]:
-    """Every flag `train` accepts, including the ignored Megatron ones."""
-    return [CONFIG_FLAG, *(flag_name(n) for n in FIELDS), *IGNORED_FLAGS]
+    """Every flag `train` accepts: the schema's and the flag table's accepted ones (not the refused ones)."""
+    return [CONFIG_FLAG, *(flag_name(n) for n in FIELDS), *accepted_table_flags()]
 
 
 def suggest_flag(flag: str) -> str:
     close = difflib.get_close_matches(flag, known_flags(), n=1, cutoff=0.6)
     return f" Did you mean {close[0]}?" if close else ""
-
-
-def check_fixed_by_qwen3(flag: str, values: list[Any], source: str) -> None:
-    allowed = _FIXED_BY_QWEN3.get(flag)
-    if allowed and str(values[0]) not in allowed:
-        raise ConfigError(f"{source}: {flag} {values[0]} is not supported: Qwen3 uses {allowed[0]}")
 
 
 
@@ -398,6 +423,7 @@ class TrainConfig:
         self._check_ranges()
         self._check_choices()
         par, tr = self.parallel, self.training
+        check_recompute(par.recompute_granularity, par.recompute_method, par.recompute_num_layers)
         tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
         if world_size % (tp * pp):
             raise ConfigError(
@@ -409,12 +435,16 @@ class TrainConfig:
         num_microbatches = check_batch_split(gbs, tr.micro_batch_size, dp)
         train_iters = self._train_iters(gbs)
         self._check_schedule(train_iters, gbs)
+        self._check_profile(world_size, train_iters)
         if self.precision.bf16 and self.precision.fp16:
             raise ConfigError("--bf16 and --fp16 are exclusive; pick one")
-        if not self.data.data_path:
+        self._check_data_sources()
+        self._check_checkpoint_flags()
+        if self.parallel.context_parallel_size != 1:
             raise ConfigError(
-                "--data-path is required: the prefix of a tokenized dataset (PREFIX.bin + PREFIX.idx, "
-                "written by `qwen3-pretrain preprocess`)"
+                f"--context-parallel-size {self.parallel.context_parallel_size}: context parallelism is not "
+                "implemented yet; use --context-parallel-size 1 (long sequences: --sequence-parallel, "
+                "--recompute-granularity full)"
             )
         if self.data.seq_length is None:
             raise ConfigError("--seq-length is required (tokens per sample, e.g. 4096)")
@@ -436,15 +466,13 @@ class TrainConfig:
         sp_ignored = sequence_parallel_ignored(par.sequence_parallel, tp)
         if sp_ignored:
             notes.append("--sequence-parallel (tensor-model-parallel-size is 1)")
+        if recompute_ignored(par.recompute_granularity, par.recompute_method, par.recompute_num_layers):
+            given = [flag_name(n) for n in ("recompute_method", "recompute_num_layers") if self.get(n) is not None]
+            notes.append(f"{' '.join(given)} (no {RECOMPUTE_GRANULARITY_FLAG})")
         model_config = self.model_config(base_model, tokenizer_vocab_size)
         self._check_model_fits(model_config, tokenizer_vocab_size)
         pipeline = None
         if pp > 1:
-            if self.data.reset_position_ids:
-                raise ConfigError(
-                    "--reset-position-ids is not supported with --pipeline-model-parallel-size > 1 (the stages "
-                    "exchange hidden states only); drop one of them"
-                )
             pipeline = pipeline_layout(
                 model_config.num_hidden_layers, pp, shape.num_microbatches, par.pipeline_schedule,
                 parse_layer_list(par.num_layer_list), par.num_layers_per_virtual_pipeline_stage,
@@ -457,18 +485,51 @@ class TrainConfig:
             tokenizer_vocab_size=tokenizer_vocab_size, notes=notes,
         )
 
+    def _check_data_sources(self) -> None:
+        """Exactly one of --data-path, --train-data-path (+ valid/test) and --mock-data."""
+        data = self.data
+        given = [name for name, value in (("--data-path", data.data_path), ("--train-data-path", data.train_data_path),
+                                          ("--mock-data", data.mock_data)) if value]
+        if len(given) > 1:
+            raise ConfigError(f"give only one of {' and '.join(given)}")
+        if not given:
+            raise ConfigError(
+                "--data-path is required: the prefix of a tokenized dataset (PREFIX.bin + PREFIX.idx, written by "
+                "`qwen3-pretrain preprocess`); or --train-data-path (+ --valid-data-path/--test-data-path), or "
+                "--mock-data"
+            )
+        if (data.valid_data_path or data.test_data_path) and not data.train_data_path:
+            raise ConfigError("--valid-data-path and --test-data-path need --train-data-path")
+
+    def _check_checkpoint_flags(self) -> None:
+        ck = self.checkpoint
+        if ck.model_type_hf is not None and ck.model_type_hf not in HF_MODEL_TYPES:
+            raise ConfigError(
+                f"--model-type-hf {ck.model_type_hf}: qwen3-pretrain trains {', '.join(HF_MODEL_TYPES)} models "
+                "(Qwen3-MoE comes with expert parallelism)"
+            )
+        par = self.parallel
+        if ck.ckpt_format == "torch" and par.num_layers_per_virtual_pipeline_stage and par.num_layer_list:
+            raise ConfigError(
+                "--ckpt-format torch stores virtual pipeline stages of equal size only: drop --num-layer-list or "
+                "--num-layers-per-virtual-pipeline-stage"
+            )
+        if ck.enable_hf2mg_convert and (ck.model_type_hf is None or ck.load is None):
+            raise ConfigError("--enable-hf2mg-convert needs --model-type-hf qwen3 and --load HF_MODEL_DIR")
+
     def _check_ranges(self) -> None:
         positive = (
             "micro_batch_size", "global_batch_size", "train_iters", "train_samples", "seq_length", "log_interval",
             "eval_interval", "save_interval", "tensor_model_parallel_size", "distributed_timeout_minutes",
-            "keep_last_checkpoints", "pipeline_model_parallel_size",
+            "keep_last_checkpoints", "exit_interval", "exit_duration_in_mins", "context_parallel_size",
+            "pipeline_model_parallel_size", "recompute_num_layers",
             "make_vocab_size_divisible_by", "stop_after_nonfinite_iters", "loss_scale_window", "hysteresis",
             "lr_decay_iters", "lr_decay_samples", "lr_wsd_decay_iters", "lr_wsd_decay_samples",
-            "loss_scale", "initial_loss_scale", "min_loss_scale",
+            "loss_scale", "initial_loss_scale", "min_loss_scale", "tensorboard_log_interval",
         )
         non_negative = (
             "min_lr", "weight_decay", "clip_grad", "lr_warmup_iters", "lr_warmup_samples", "lr_warmup_init",
-            "eval_iters", "num_workers", "adam_eps",
+            "eval_iters", "num_workers", "adam_eps", "profile_step_start",
         )
         for name in positive + non_negative:
             value = self.get(name)
@@ -487,6 +548,25 @@ class TrainConfig:
                 choices, value = f.metadata["choices"], getattr(getattr(self, section), f.name)
                 if choices and value is not None and value not in choices:
                     raise ConfigError(f"{flag_name(f.name)} {value!r}: use one of {', '.join(choices)}")
+
+    def _check_profile(self, world_size: int, train_iters: int) -> None:
+        log = self.logging
+        if not log.profile:
+            return
+        start, end = log.profile_step_start, log.profile_step_end
+        if end <= start:
+            raise ConfigError(f"--profile-step-end {end} must be larger than --profile-step-start {start}")
+        if start >= train_iters:
+            raise ConfigError(
+                f"--profile-step-start {start} is not below the run's {train_iters} iterations: nothing would be "
+                "profiled; lower --profile-step-start"
+            )
+        outside = [r for r in log.profile_ranks if not -1 <= r < world_size]
+        if outside or not log.profile_ranks:
+            raise ConfigError(
+                f"--profile-ranks {' '.join(map(str, log.profile_ranks))}: give ranks 0..{world_size - 1} "
+                "(or -1 for all ranks)"
+            )
 
     def _train_iters(self, gbs: int) -> int:
         tr = self.training
@@ -613,10 +693,13 @@ def schedule_steps(config: TrainConfig, train_iters: int, gbs: int) -> ScheduleS
     return ScheduleSteps(warmup=warmup, decay=decay, wsd_decay=wsd)
 
 
-def _coerce(value: Any, base: type, where: str) -> Any:
+def _coerce(value: Any, base: Any, where: str) -> Any:
     """A YAML/flag value as the field's type; ConfigError names `where`."""
     if value is None:
         return None
+    if typing.get_origin(base) is list:
+        items = value if isinstance(value, (list, tuple)) else str(value).split()
+        return [_coerce(v, typing.get_args(base)[0], where) for v in items]
     try:
         if base is bool:
             if isinstance(value, bool):
@@ -624,8 +707,6 @@ def _coerce(value: Any, base: type, where: str) -> Any:
             if str(value).lower() in ("true", "false"):
                 return str(value).lower() == "true"
             raise ValueError
-        if base is list:
-            return [str(v) for v in value] if isinstance(value, (list, tuple)) else str(value).split()
         if base is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError

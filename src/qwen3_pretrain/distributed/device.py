@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import sys
 
 import torch
 
@@ -47,6 +48,17 @@ def local_device(local_rank: int | None = None) -> torch.device:
 def device_module(kind: str | None = None):
     """The torch submodule for the device (memory stats, synchronize, set_device)."""
     return getattr(torch, kind or device_type())
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """This process's peak memory so far: the accelerator allocator's `max_memory_allocated`, or on CPU the
+    process's peak resident set (`ru_maxrss`, which counts the Python runtime and libraries too)."""
+    if device.type != "cpu":
+        return int(device_module(device.type).max_memory_allocated(device))
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
 def device_memory_bytes(local_processes: int = 1) -> int:

@@ -68,6 +68,14 @@ class ParallelEnv:
         dist.all_reduce(box, group=self.control_group)
         return int(box.item())
 
+    def host_max(self, value: int) -> int:
+        """Maximum of a host integer over all ranks (over the gloo control group)."""
+        if self.mesh is None:
+            return value
+        box = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(box, op=dist.ReduceOp.MAX, group=self.control_group)
+        return int(box.item())
+
     def host_any(self, flag: bool) -> bool:
         """True on every rank when `flag` is True on any rank."""
         return self.host_sum(int(flag)) > 0

@@ -34,20 +34,25 @@ def parallelize_model(
     compute_dtype: torch.dtype,
     sequence_parallel: bool = False,
     recompute_granularity: str | None = None,
+    recompute_method: str | None = None,
+    recompute_num_layers: int | None = None,
     compile_blocks: bool = False,
     shard: bool = True,
 ) -> None:
     """Apply TP -> activation checkpointing -> compile -> FSDP2/replicate to `model` in place.
 
     Without a mesh (one process, no process group) only recompute and compile apply; the caller
-    then computes under autocast.
+    then computes under autocast. `recompute_method` and `recompute_num_layers` pick the blocks that full
+    recompute checkpoints (`recompute.apply_activation_checkpointing`).
     """
     if env.mesh is not None and env.tp > 1:
         from qwen3_pretrain.distributed.tensor_parallel import apply_tensor_parallel
 
         apply_tensor_parallel(model, env.mesh["tp"], sequence_parallel=sequence_parallel, loss_parallel=True)
     if recompute_granularity is not None:
-        apply_activation_checkpointing(model, recompute_granularity)  # type: ignore[arg-type]
+        apply_activation_checkpointing(
+            model, recompute_granularity, recompute_method, recompute_num_layers  # type: ignore[arg-type]
+        )
     blocks = transformer_blocks(model)
     if compile_blocks:
         for block in blocks:

@@ -11,6 +11,9 @@
   1F1B schedule. The loss of a micro batch is its summed token cross entropy divided by the number of
   tokens of the whole step, and the schedule does not rescale gradients, so the step's loss and
   gradients equal one process's mean over all tokens, however the tokens fall into micro batches.
+- Stages exchange hidden states only. Per-token inputs every stage needs (position ids with
+  `--reset-position-ids`, document ids with `--reset-attention-mask`) go beside them: the schedule
+  splits them into micro batches like the labels and queues them on every local stage.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import itertools
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -42,6 +45,13 @@ SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved_1f1b": S
 # ---- splitting -------------------------------------------------------------------------------------
 
 
+class TokenInputs(NamedTuple):
+    """One micro batch's per-token inputs besides the tokens: position ids and document ids [b, s], or None."""
+
+    position_ids: torch.Tensor | None = None
+    document_ids: torch.Tensor | None = None
+
+
 class PipelineStageModule(nn.Module):
     """One pipeline stage of a Qwen3ForCausalLM with the same child names (`model.*`, `lm_head`).
 
@@ -49,6 +59,8 @@ class PipelineStageModule(nn.Module):
     last stage returns the summed token cross entropy of its micro batch instead (`lm_head_loss`:
     the chunked LM head without TP, so no full-vocab logits), reading the micro batch's labels from
     `labels`, which the schedule fills in micro-batch order (a stage runs its forwards in that order).
+    Likewise every stage reads its micro batch's position / document ids from `token_inputs` when the
+    schedule was given them (else positions 0..s-1, no document mask).
     Outputs are plain tensors, as `torch.distributed.pipelining` needs.
     """
 
@@ -61,9 +73,11 @@ class PipelineStageModule(nn.Module):
         self.lm_head = lm_head
         self.loss_chunk_tokens = loss_chunk_tokens
         self.labels: collections.deque[torch.Tensor] = collections.deque()  # last stage: labels [b, s] to come
+        self.token_inputs: collections.deque[TokenInputs] = collections.deque()  # every stage: ids to come
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        hidden = self.model(inputs)  # [b, s, hidden]
+        extra = self.token_inputs.popleft() if self.token_inputs else TokenInputs()
+        hidden = self.model(inputs, extra.position_ids, extra.document_ids)  # [b, s, hidden]
         if self.lm_head is None:
             return hidden
         if not self.labels:
@@ -247,11 +261,12 @@ class PipelineSchedule:
 
     def step(
         self, input_ids: torch.Tensor, labels: torch.Tensor, num_tokens: float | None = None,
-        loss_scale: float | torch.Tensor = 1.0,
+        loss_scale: float | torch.Tensor = 1.0, extra: TokenInputs | None = None,
     ) -> torch.Tensor:
         """Forward + backward of a batch [b, s] split into the micro batches; returns the mean loss on every pp rank.
 
-        Every pp rank passes the same batch (the first stage reads input_ids, the last labels).
+        Every pp rank passes the same batch (the first stage reads input_ids, the last labels, every stage
+        the position / document ids [b, s] in `extra`).
         `num_tokens` (the divisor of the summed token losses) defaults to the labels that are not
         -100 in this batch; with data parallel, whose gradient reduction averages over dp ranks, pass
         the dp-global count / dp size to get the global token mean (with FSDP's sum reduction, the
@@ -262,27 +277,38 @@ class PipelineSchedule:
         counted = int((labels != IGNORE_INDEX).sum()) if num_tokens is None else num_tokens
         if counted <= 0:
             raise ValueError("the batch has no label other than -100: nothing to train on")
-        return self._run(self.schedule.step, input_ids, labels, loss_scale / counted) * (1.0 / loss_scale)
+        return self._run(self.schedule.step, input_ids, labels, loss_scale / counted, extra) * (1.0 / loss_scale)
 
     @torch.no_grad()
-    def loss_sum(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss_sum(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, extra: TokenInputs | None = None
+    ) -> torch.Tensor:
         """Forward only (evaluation): the summed token loss of the batch [b, s], on every pp rank."""
-        return self._run(self.schedule.eval, input_ids, labels, 1.0)
+        return self._run(self.schedule.eval, input_ids, labels, 1.0, extra)
 
     def _run(
-        self, run: Callable[..., Any], input_ids: torch.Tensor, labels: torch.Tensor, scale: float | torch.Tensor
+        self, run: Callable[..., Any], input_ids: torch.Tensor, labels: torch.Tensor, scale: float | torch.Tensor,
+        extra: TokenInputs | None,
     ) -> torch.Tensor:
         """Run the schedule with micro-batch losses scaled by `scale`; their sum, broadcast from the last stage."""
         self.loss_fn.scale = scale
-        last_stages = [typing.cast(PipelineStageModule, stage.submod) for stage in self.stages if stage.is_last]
+        modules = [typing.cast(PipelineStageModule, stage.submod) for stage in self.stages]
+        last_stages = [module for stage, module in zip(self.stages, modules, strict=True) if stage.is_last]
         for module in last_stages:
             module.labels.extend(torch.tensor_split(labels, self.n_microbatches))  # as the schedule splits inputs
+        if extra is not None:  # every stage: each micro batch's ids, split as the labels
+            split = [[None] * self.n_microbatches if ids is None else torch.tensor_split(ids, self.n_microbatches)
+                     for ids in extra]
+            for module in modules:
+                module.token_inputs.extend(TokenInputs(*ids) for ids in zip(*split, strict=True))
         losses: list[torch.Tensor] = []
         with loss_parallel():
             if any(stage.is_first for stage in self.stages):
                 run(input_ids, target=labels, losses=losses, return_outputs=False)
             else:
                 run(target=labels, losses=losses, return_outputs=False)
+        if any(module.token_inputs for module in modules):
+            raise RuntimeError("the pipeline schedule ran fewer micro batches than it was given token inputs for")
         if last_stages:
             if any(module.labels for module in last_stages):
                 raise RuntimeError("the pipeline schedule ran fewer micro batches than it was given labels for")

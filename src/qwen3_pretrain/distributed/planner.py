@@ -8,15 +8,19 @@ The memory model counts what our implementation keeps alive at the peak of a ste
   FSDP2's replicate keeps the unsharded copy of every weight through the step, and one process
   with bf16/fp16 autocast a cast copy of every block weight (of the LM head too on the plain loss path);
 - activations saved for backward, per token and layer, counted tensor by tensor for our Qwen3
-  block (see `_layer_activation_bytes`), times the tokens in flight: micro batch x seq for each of
-  the `pp - stage` micro batches 1F1B keeps in flight on the first stage;
+  block (see `_layer_activation_bytes`; under full recompute only the input of each checkpointed
+  group of blocks, and everything for the blocks `--recompute-method block` leaves alone), times the
+  tokens in flight: micro batch x seq for each of the `pp - stage` micro batches 1F1B keeps in flight
+  on the first stage;
 - then the larger of two phases that never overlap: the loss (`logits`: final norm, LM head and
   cross-entropy buffers on the last stage, see `_loss_bytes`) and the backward of one block
-  (`backward`: the recomputed block under recompute plus its MLP gradients);
+  (`backward`: the recomputed block, or the largest group of blocks recomputed at once, plus its MLP
+  gradients);
 - a fixed runtime overhead (allocator slack, communication buffers, device context).
 Gradients count as alive during the forward, as they are from the second micro batch of a step with
 gradient accumulation on (with one micro batch per step the estimate is an upper bound).
-The step-time model is FLOPs / (peak x efficiency) + the tensor-parallel all-reduces that cannot
+The step-time model is FLOPs (full recompute adds one forward of the recomputed blocks) / (peak x
+efficiency) + the tensor-parallel all-reduces that cannot
 overlap + the pipeline bubble; data-parallel traffic is assumed overlapped except the last layer's.
 """
 
@@ -33,7 +37,9 @@ from qwen3_pretrain.config.layout import (
     SEQUENCE_PARALLEL_FLAG,
     TP_FLAG,
     check_batch_split,
+    check_recompute,
     check_tensor_parallel,
+    recompute_groups,
     sequence_parallel_ignored,
     stage_layer_counts,
 )
@@ -63,6 +69,8 @@ class Layout:
     micro_batch_size: int
     recompute: str = "none"
     sequence_parallel: bool = False
+    recompute_method: str | None = None  # with recompute "full": uniform | block (None: every block on its own)
+    recompute_num_layers: int | None = None  # blocks per uniform group, or recomputed blocks per stage (block)
     shard: bool = True  # FSDP2 over dp; False = replicated (DDP-style)
 
     @property
@@ -152,23 +160,41 @@ def _projection_bytes(cfg: Qwen3Config, layout: Layout, compute_bytes: int) -> f
     return compute_bytes * (block_input + (q + 2 * kv + 2 * cfg.intermediate_size) / layout.tp)
 
 
-def _saved_layer_bytes(cfg: Qwen3Config, layout: Layout, compute_bytes: int) -> float:
-    """Bytes per token per block that survive to backward under the layout's recompute setting."""
-    if layout.recompute == "full":  # only the block input is kept
-        return compute_bytes * cfg.hidden_size / (layout.tp if layout.sequence_parallel else 1)
+def _full_recompute_groups(layout: Layout, layers: int) -> list[range]:
+    """The groups of a stage's `layers` blocks that full recompute checkpoints (`recompute_groups`)."""
+    return recompute_groups(layers, layout.recompute_method, layout.recompute_num_layers)
+
+
+def _blocks_recomputed_at_once(layout: Layout, layers: int) -> int:
+    """Blocks whose forward the backward of a stage of `layers` blocks reruns at once (the largest group)."""
+    if layout.recompute != "full":
+        return 1
+    return max(len(group) for group in _full_recompute_groups(layout, layers))
+
+
+def _saved_stage_bytes(cfg: Qwen3Config, layout: Layout, compute_bytes: int, layers: int) -> float:
+    """Bytes per token that a stage of `layers` blocks keeps for backward under the layout's recompute setting."""
+    if layout.recompute == "full":  # the input of every checkpointed group; the other blocks keep everything
+        groups = _full_recompute_groups(layout, layers)
+        kept = layers - sum(len(group) for group in groups)
+        block_input = compute_bytes * cfg.hidden_size / (layout.tp if layout.sequence_parallel else 1)
+        return len(groups) * block_input + kept * _layer_activation_bytes(cfg, layout, compute_bytes)
     if layout.recompute == "selective":  # + the o_proj and down_proj outputs (partial sums under tp)
-        return _projection_bytes(cfg, layout, compute_bytes) + 2 * compute_bytes * cfg.hidden_size
-    return _layer_activation_bytes(cfg, layout, compute_bytes)
+        return layers * (_projection_bytes(cfg, layout, compute_bytes) + 2 * compute_bytes * cfg.hidden_size)
+    return layers * _layer_activation_bytes(cfg, layout, compute_bytes)
 
 
-def _backward_bytes(cfg: Qwen3Config, layout: Layout, compute_bytes: int) -> float:
+def _backward_bytes(cfg: Qwen3Config, layout: Layout, compute_bytes: int, layers: int) -> float:
     """Bytes per token a block's backward adds to the saved activations: the gradients of two MLP
-    intermediates at once, plus what recompute rematerialises (the whole block under full recompute,
-    all but the kept projection outputs under selective)."""
+    intermediates at once, plus what recompute rematerialises (under full recompute the whole largest
+    group of blocks a stage of `layers` recomputes at once, under selective all but the kept projection
+    outputs of one block). The blocks that keep their activations come after the recomputed ones
+    (`--recompute-method block`), so their backward has freed those before any recompute runs."""
     mlp_grads = 2 * compute_bytes * cfg.intermediate_size / layout.tp
     full = _layer_activation_bytes(cfg, layout, compute_bytes)
     if layout.recompute == "full":
-        return mlp_grads + full
+        kept = layers - sum(len(group) for group in _full_recompute_groups(layout, layers))
+        return mlp_grads + max(0, _blocks_recomputed_at_once(layout, layers) - kept) * full
     if layout.recompute == "selective":
         return mlp_grads + full - _projection_bytes(cfg, layout, compute_bytes)
     return mlp_grads
@@ -244,6 +270,7 @@ def estimate_memory(
     """
     c = compute_dtype_bytes
     params = _stage_params(cfg, layout)
+    layers_per_stage = math.ceil(cfg.num_hidden_layers / layout.pp)
     shard = layout.dp if layout.shard else 1
     weights = master_bytes * params / shard
     gradients = master_bytes * params / shard
@@ -256,15 +283,16 @@ def estimate_memory(
     elif not layout.shard:  # FSDP2's replicate keeps every unsharded compute copy from forward to backward
         weights += c * params
     else:  # FSDP2 gathers unsharded compute copies (even over one dp rank): the root's, kept until the
-        # end of backward, and two blocks' (one computing, one prefetched)
-        weights += c * (_head_params(cfg, layout) + 2 * _layer_params(cfg)) / layout.tp
+        # end of backward, and two blocks' (one computing, one prefetched); a recomputed group of blocks
+        # stays unsharded from its recompute to each block's backward
+        blocks = 1 + _blocks_recomputed_at_once(layout, layers_per_stage)
+        weights += c * (_head_params(cfg, layout) + blocks * _layer_params(cfg)) / layout.tp
     tokens = layout.micro_batch_size * seq_length
-    layers_per_stage = math.ceil(cfg.num_hidden_layers / layout.pp)
     in_flight = layout.pp  # 1F1B: the first stage holds pp micro batches
-    activations = _saved_layer_bytes(cfg, layout, c) * tokens * layers_per_stage * in_flight
+    activations = _saved_stage_bytes(cfg, layout, c, layers_per_stage) * tokens * in_flight
     weight_copy = _loss_weight_copy_bytes(cfg, layout, c, master_bytes, bf16_float32_matmuls)
     logits = _loss_bytes(cfg, layout, c, tokens, loss_chunk_tokens, weight_copy)
-    backward = _backward_bytes(cfg, layout, c) * tokens
+    backward = _backward_bytes(cfg, layout, c, layers_per_stage) * tokens
     return MemoryEstimate(weights, gradients, optimizer, activations, logits, overhead_bytes, backward)
 
 
@@ -289,8 +317,11 @@ def estimate_step_time(
     """Step time from FLOPs, the tp all-reduces on the critical path, and the pipeline bubble."""
     tokens = global_batch_size * seq_length
     model_flops = cfg.flops_per_token(seq_length) * tokens
-    recompute_factor = {"none": 1.0, "selective": 1.05, "full": 4 / 3}[layout.recompute]
-    flops = model_flops * recompute_factor  # full recompute runs one more forward
+    layers = math.ceil(cfg.num_hidden_layers / layout.pp)
+    recompute_factor = 1.05 if layout.recompute == "selective" else 1.0
+    if layout.recompute == "full":  # one more forward (a third of forward + backward) of the recomputed blocks
+        recompute_factor += sum(len(group) for group in _full_recompute_groups(layout, layers)) / layers / 3
+    flops = model_flops * recompute_factor
     compute = flops / layout.world_size / (peak_tflops * 1e12 * efficiency)
     micro_batches = global_batch_size // (layout.micro_batch_size * layout.dp)
     tp_seconds = 0.0
@@ -298,7 +329,6 @@ def estimate_step_time(
         # 4 all-reduces (or reduce-scatter + all-gather pairs) of b*s*h bf16 per block, fwd + bwd
         volume = 2 * layout.micro_batch_size * seq_length * cfg.hidden_size
         ring = 2 * (layout.tp - 1) / layout.tp * volume / (link_gbps * 1e9)
-        layers = math.ceil(cfg.num_hidden_layers / layout.pp)
         tp_seconds = 4 * ring * layers * micro_batches
     dp_seconds = 0.0
     if layout.dp > 1:  # the last block's gradient reduce-scatter cannot overlap with compute
@@ -316,6 +346,8 @@ def validate_layout(cfg: Qwen3Config, layout: Layout, global_batch_size: int) ->
         return f"{SEQUENCE_PARALLEL_FLAG} does nothing at {TP_FLAG} 1 (train turns it off): plan the layout without it"
     try:
         check_tensor_parallel(cfg, layout.tp)
+        check_recompute(None if layout.recompute == "none" else layout.recompute, layout.recompute_method,
+                        layout.recompute_num_layers)
         stage_layer_counts(cfg.num_hidden_layers, layout.pp)
         check_batch_split(global_batch_size, layout.micro_batch_size, layout.dp)
     except ConfigError as exc:

@@ -14,7 +14,8 @@ Plan per decoder block (Megatron's split, written with `torch.distributed.tensor
 - Tied embeddings: embed_tokens and lm_head end up as the same DTensor Parameter (both Shard(0)).
 - Sequence parallel: the residual stream between blocks, the layer norms and the final norm are
   sharded on the sequence dim; attention and MLP inputs are all-gathered, their outputs
-  reduce-scattered. Pipeline stages exchange their local sequence shard.
+  reduce-scattered. Pipeline stages exchange their local sequence shard. Attention thus sees the
+  whole sequence, and the per-token position / document ids stay whole [b, s] tensors throughout.
 - Every parameter becomes a DTensor on the TP mesh (norms replicated), and every gradient ends
   with its parameter's placements, so gradient clipping, pipeline sync and optimizers see
   ordinary sharded/replicated gradients.
@@ -105,8 +106,8 @@ def _block_plan(sequence_parallel: bool) -> dict[str, ParallelStyle]:
         "input_layernorm": SequenceParallel(),
         "post_attention_layernorm": SequenceParallel(),
         "self_attn": PrepareModuleInput(
-            input_layouts=(_SEQUENCE, None, None),  # (x, cos, sin)
-            desired_input_layouts=(Replicate(), None, None),
+            input_layouts=(_SEQUENCE, None, None, None),  # (x, cos, sin, document_ids): the ids are full [b, s]
+            desired_input_layouts=(Replicate(), None, None, None),
             use_local_output=True,
         ),
         "mlp": PrepareModuleInput(
@@ -143,8 +144,9 @@ def _stage_boundary_styles(model: nn.Module) -> list[ParallelStyle]:
     """With sequence parallel, a pipeline stage receives / sends its local sequence shard as a plain tensor."""
     _, decoder, _ = _causal_lm_parts(model)
     styles: list[ParallelStyle] = []
-    if decoder.embed_tokens is None:
-        styles.append(PrepareModuleInput(input_layouts=(_SEQUENCE,), desired_input_layouts=(_SEQUENCE,)))
+    if decoder.embed_tokens is None:  # inputs (hidden, position_ids, document_ids); the ids cover the whole sequence
+        styles.append(PrepareModuleInput(input_layouts=(_SEQUENCE, None, None),
+                                         desired_input_layouts=(_SEQUENCE, None, None)))
     if decoder.norm is None:
         styles.append(PrepareModuleOutput(output_layouts=_SEQUENCE, desired_output_layouts=_SEQUENCE))
     return styles

@@ -27,6 +27,12 @@ bf16-rounded operands and round the result to bf16: the numerics of a bf16 kerne
 float32, at float32 speed. Backward saves the bf16 operands, so memory stays that of bf16.
 `bf16_via_float32` tells other matmul code (the chunked LM-head loss) to do the same.
 
+Document masking (`--reset-attention-mask`): `attention(..., document_ids=ids)` with ids [batch, seq] (equal
+ids = same document) attends causally AND within each document only. The torch backend builds the boolean mask
+[b, 1, s, s] (True = attend) for SDPA, except on CUDA where `flex_attention` with a block mask from the ids
+skips the masked blocks; Ascend's npu_fusion_attention takes the same mask inverted (True = masked) in sparse
+mode 0 (an explicit full mask). Without ids every backend runs plain causal attention as before.
+
 Layout everywhere: q/k/v [batch, seq, heads, head_dim] ("BSND"); cos/sin [batch (or 1), seq, head_dim].
 """
 
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Literal
@@ -42,12 +49,16 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 BACKENDS = ("torch", "npu")
 # npu_fusion_attention's causal mode (sparse_mode 2, top-left aligned; equal to 3 when q and kv have the
 # same length) takes this fixed [2048, 2048] boolean mask, True above the diagonal (= masked out).
 _NPU_CAUSAL_SPARSE_MODE = 2
 _NPU_CAUSAL_MASK_SIZE = 2048
+# Its sparse mode 0 takes an explicit mask of the full [b, 1, s, s] shape (True = masked): the document mask.
+_NPU_EXPLICIT_MASK_SPARSE_MODE = 0
+_HAS_TRITON = importlib.util.find_spec("triton") is not None  # triton compiles flex_attention's kernels
 
 _TORCH_SDPA_ORDER = (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                      SDPBackend.MATH)
@@ -226,33 +237,94 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, options: KernelOptions = DEFAUL
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, options: KernelOptions = DEFAULT_KERNELS
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    options: KernelOptions = DEFAULT_KERNELS,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal grouped-query attention without dropout: q [b, s, heads, d], k/v [b, s, kv_heads, d] -> [b, s, heads, d].
 
     heads must be a multiple of kv_heads; each group of heads / kv_heads query heads shares one kv head.
+    With `document_ids` [b, s] a query attends only to keys of its own document (equal ids); see the module doc.
     """
     npu = _npu_for(options, q, k, v)
     if npu is not None:
+        if document_ids is None:
+            masked, sparse_mode = _npu_causal_mask(q.device), _NPU_CAUSAL_SPARSE_MODE
+        else:
+            masked, sparse_mode = ~document_causal_mask(document_ids), _NPU_EXPLICIT_MASK_SPARSE_MODE
         return npu.npu_fusion_attention(
-            q, k, v, q.shape[2], "BSND",
-            atten_mask=_npu_causal_mask(q.device), scale=scale, keep_prob=1.0, sparse_mode=_NPU_CAUSAL_SPARSE_MODE,
+            q, k, v, q.shape[2], "BSND", atten_mask=masked, scale=scale, keep_prob=1.0, sparse_mode=sparse_mode,
         )[0]
+    if document_ids is not None and _flex_applies(q, k, v):
+        return _flex_document_attention(q, k, v, scale, document_ids)
+    mask = None if document_ids is None else document_causal_mask(document_ids)
     if _computes_bf16_via_float32(q, k, v):  # bf16-rounded inputs, float32 attention, bf16 output
         with torch.autocast("cpu", enabled=False):
             q, k, v = (t.to(torch.bfloat16).float() for t in (q, k, v))
-            return _sdpa(q, k, v, scale, options.attention).to(torch.bfloat16)
-    return _sdpa(q, k, v, scale, options.attention)
+            return _sdpa(q, k, v, scale, options.attention, mask).to(torch.bfloat16)
+    return _sdpa(q, k, v, scale, options.attention, mask)
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, attention: str) -> torch.Tensor:
-    """Causal GQA `F.scaled_dot_product_attention` on BSND tensors, its kernels ordered as `attention` names."""
+def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """Document ids [b, s] -> boolean mask [b, 1, s, s], True where query i may attend key j: j <= i, same document."""
+    s = document_ids.shape[1]
+    same_document = document_ids[:, :, None] == document_ids[:, None, :]  # [b, s, s]
+    causal = torch.ones(s, s, dtype=torch.bool, device=document_ids.device).tril()  # [s, s]
+    return (same_document & causal).unsqueeze(1)  # [b, 1, s, s]
+
+
+def _sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, attention: str, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """GQA `F.scaled_dot_product_attention` on BSND tensors, its kernels ordered as `attention` names.
+
+    Causal, or with `mask` [b, 1, s, s] (True = attend) instead: SDPA takes is_causal or a mask, not both.
+    """
     order = ATTENTION_BACKENDS[attention]
     with contextlib.nullcontext() if order is None else sdpa_kernel(order, set_priority=True):
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [b, (kv_)heads, s, d]
-            is_causal=True, scale=scale, enable_gqa=q.shape[2] != k.shape[2],
+            attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=q.shape[2] != k.shape[2],
         )  # [b, heads, s, d]
+    return out.transpose(1, 2)  # [b, s, heads, d]
+
+
+def _flex_applies(*tensors: torch.Tensor) -> bool:
+    """Whether document-masked attention on `tensors` runs `flex_attention`: plain CUDA tensors and triton present."""
+    return tensors[0].device.type == "cuda" and not any(isinstance(t, DTensor) for t in tensors) and _HAS_TRITON
+
+
+@functools.cache
+def _compiled_flex_attention() -> Any:
+    """`flex_attention` compiled once: run eagerly it would materialise the [s, s] scores."""
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex_document_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, document_ids: torch.Tensor
+) -> torch.Tensor:
+    """Document-causal GQA with `flex_attention` and a block mask from `document_ids` [b, s] (CUDA).
+
+    Inputs are cast to the compute dtype first (flex_attention is no autocast op); inside a compiled block the
+    outer compile fuses it, eagerly its compiled form runs.
+    """
+    dtype = compute_dtype(q)
+    b, s = document_ids.shape
+
+    def same_document_causal(
+        batch: torch.Tensor, _head: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor
+    ) -> torch.Tensor:
+        return (q_idx >= kv_idx) & (document_ids[batch, q_idx] == document_ids[batch, kv_idx])
+
+    block_mask: BlockMask = create_block_mask(same_document_causal, b, None, s, s, device=q.device)
+    run = flex_attention if torch.compiler.is_compiling() else _compiled_flex_attention()
+    out = run(
+        *(t.to(dtype).transpose(1, 2) for t in (q, k, v)),  # [b, (kv_)heads, s, d]
+        block_mask=block_mask, scale=scale, enable_gqa=q.shape[2] != k.shape[2],
+    )  # [b, heads, s, d]
     return out.transpose(1, 2)  # [b, s, heads, d]
 
 

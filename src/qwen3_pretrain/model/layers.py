@@ -78,7 +78,10 @@ class RotaryEmbedding(nn.Module):
 
 
 class Attention(nn.Module):
-    """Causal grouped-query attention with per-head RMSNorm on q and k before RoPE."""
+    """Causal grouped-query attention with per-head RMSNorm on q and k before RoPE.
+
+    With `document_ids` [b, s] (equal ids = same document) a token attends only within its own document.
+    """
 
     def __init__(self, config: Qwen3Config, kernels: KernelOptions) -> None:
         super().__init__()
@@ -92,13 +95,15 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(d, config.rms_norm_eps, kernels)
         self.k_norm = RMSNorm(d, config.rms_norm_eps, kernels)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, document_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         b, s, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(b, s, -1, self.head_dim))  # [b, s, heads, head_dim]
         k = self.k_norm(self.k_proj(x).view(b, s, -1, self.head_dim))  # [b, s, kv_heads, head_dim]
         v = self.v_proj(x).view(b, s, -1, self.head_dim)  # [b, s, kv_heads, head_dim]
         q, k = ops.apply_rotary(q, cos, sin, self.kernels), ops.apply_rotary(k, cos, sin, self.kernels)
-        out = ops.attention(q, k, v, self.head_dim**-0.5, self.kernels)  # [b, s, heads, head_dim]
+        out = ops.attention(q, k, v, self.head_dim**-0.5, self.kernels, document_ids=document_ids)  # [b, s, heads, d]
         return self.o_proj(out.reshape(b, s, -1))  # [b, s, heads * head_dim] -> [b, s, hidden]
 
 
@@ -126,6 +131,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
         self.mlp = MLP(config, kernels)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, document_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # document_ids positional: the sequence-parallel plan prepares self_attn's inputs by position
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, document_ids)
         return x + self.mlp(self.post_attention_layernorm(x))

@@ -61,15 +61,27 @@ class Qwen3Model(nn.Module):
         self.norm: RMSNorm | None = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
 
-    def forward(self, inputs: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Token ids [b, s] (or hidden states [b, s, hidden] when embed_tokens is None) -> hidden states."""
+    def forward(
+        self, inputs: torch.Tensor, position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Token ids [b, s] (or hidden states [b, s, hidden] when embed_tokens is None) -> hidden states.
+
+        `position_ids` [b or 1, s] default to 0..s-1; `document_ids` [b, s] (equal ids = same document) keep
+        attention within each document.
+        """
         h = self.embed_tokens(inputs) if self.embed_tokens is not None else inputs  # [b, s, hidden]
         if position_ids is None:
             position_ids = torch.arange(h.shape[1], device=h.device).unsqueeze(0)  # [1, s]
         cos, sin = self.rotary_emb(position_ids, h.dtype)
-        for layer in self.layers.values():
-            h = layer(h, cos, sin)
+        h = self.run_layers(h, cos, sin, document_ids)
         return self.norm(h) if self.norm is not None else h
+
+    def run_layers(self, h: torch.Tensor, *layer_args: torch.Tensor | None) -> torch.Tensor:
+        """The decoder layers in order, each called as `layer(h, *layer_args)` (recompute of layer groups
+        overrides this)."""
+        for layer in self.layers.values():
+            h = layer(h, *layer_args)
+        return h
 
 
 def lm_head_loss(
@@ -187,6 +199,7 @@ class Qwen3ForCausalLM(nn.Module):
         input_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
         return_logits: bool = True,
         loss_reduction: LossReduction = "mean",
     ) -> CausalLMOutput | torch.Tensor:
@@ -194,6 +207,8 @@ class Qwen3ForCausalLM(nn.Module):
 
         DECISION: `labels` are already aligned to positions (labels[:, t] is the target of position t,
         -100 ignored), the Megatron convention our data pipeline produces; see `causal_lm_loss`.
+        `position_ids` [b, s] default to 0..s-1; with `document_ids` [b, s] (equal ids = same document, as
+        `--reset-attention-mask` gives a packed sample) a token attends only to earlier tokens of its document.
         `loss_reduction` is "mean" over the non-ignored labels or "sum" (for a trainer that divides
         by the token count of the whole global batch).
 
@@ -206,7 +221,7 @@ class Qwen3ForCausalLM(nn.Module):
         """
         if not return_logits and labels is None:
             raise ValueError("forward(return_logits=False) needs labels: without them there is nothing to return")
-        hidden = self.model(input_ids, position_ids)
+        hidden = self.model(input_ids, position_ids, document_ids)
         if self.lm_head is None:
             return hidden
         if labels is not None and not return_logits:

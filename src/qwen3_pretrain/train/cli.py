@@ -1,7 +1,12 @@
 """`qwen3-pretrain train`: Megatron/MindSpeed flags (and a YAML recipe) -> a pretraining run.
 
-Runs in this process, or as one rank under `torchrun`; `--nproc-per-node N` starts torchrun itself
-with the same flags. The flags are validated for the final world size before anything starts.
+Runs in this process, or as one rank under `torchrun`. The launcher flags (`config.flag_table.LAUNCHER_FLAGS`,
+also in torchrun's underscore spelling) start torchrun with the other flags: `--nproc-per-node N` alone runs
+it standalone on this machine; `--nnodes M` > 1 makes this machine node `--node-rank R` of M, which
+meet at `--master-addr A --master-port P` (a static rendezvous: every node runs the same command with
+its own R; `--rdzv-backend c10d` uses torchrun's elastic rendezvous there instead). The flags are
+validated for the final world size, N x M processes, before anything starts. Under torchrun the
+launcher flags are accepted and ignored, so one script serves both ways of starting.
 """
 
 from __future__ import annotations
@@ -10,36 +15,101 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 
 from qwen3_pretrain.config import ConfigError, build_parser, parse_train_args
+from qwen3_pretrain.config.flag_table import LAUNCHER_FLAG_NAMES
+from qwen3_pretrain.config.flags import help_epilog
 
-LAUNCH_FLAG = "--nproc-per-node"
+RDZV_BACKENDS = ("static", "c10d")
+DEFAULT_MASTER_PORT = 29500  # torchrun's
 
 
-def _take_nproc(argv: list[str]) -> tuple[int | None, list[str]]:
-    """Remove `--nproc-per-node N` (or `=N`) from argv."""
+@dataclass(frozen=True)
+class Launch:
+    """How to start torchrun on this machine, from the launcher flags."""
+
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None
+    rdzv_backend: str = "static"
+    max_restarts: int = 0
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+    def torchrun_args(self) -> list[str]:
+        """torchrun's options: standalone on one machine unless a rendezvous address is given."""
+        args = [f"--nproc-per-node={self.nproc_per_node}", f"--max-restarts={self.max_restarts}"]
+        if self.master_addr is None and self.master_port is None:
+            return [*args, "--standalone"]
+        addr, port = self.master_addr or "127.0.0.1", self.master_port or DEFAULT_MASTER_PORT
+        args.append(f"--nnodes={self.nnodes}")
+        if self.rdzv_backend == "c10d":
+            return [*args, "--rdzv-backend=c10d", f"--rdzv-endpoint={addr}:{port}"]
+        return [*args, f"--node-rank={self.node_rank}", f"--master-addr={addr}", f"--master-port={port}"]
+
+
+def _take_launch_flags(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Remove the launcher flags (`--flag V`, `--flag=V`, dashes or underscores) from argv: ({flag: V}, rest)."""
+    values: dict[str, str] = {}
     rest: list[str] = []
-    nproc: int | None = None
     i = 0
     while i < len(argv):
         name, eq, inline = argv[i].partition("=")
-        if name not in (LAUNCH_FLAG, "--nproc_per_node"):
+        flag = name.replace("_", "-")
+        if not name.startswith("--") or flag not in LAUNCHER_FLAG_NAMES:
             rest.append(argv[i])
             i += 1
             continue
-        raw = inline if eq else (argv[i + 1] if i + 1 < len(argv) else "")
-        if not raw.isdigit() or int(raw) < 1:
-            raise ConfigError(f"{LAUNCH_FLAG} expects a positive number of processes, got {raw!r}")
-        nproc = int(raw)
+        if not eq and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            raise ConfigError(f"{flag} expects a value")
+        values[flag] = inline if eq else argv[i + 1]
         i += 1 if eq else 2
-    return nproc, rest
+    return values, rest
 
 
-def _launch(nproc: int, argv: list[str]) -> int:
-    """Run `torchrun --standalone --nproc-per-node N -m qwen3_pretrain.cli train ARGV` and wait for it."""
+def _whole_number(values: dict[str, str], flag: str, default: int, minimum: int) -> int:
+    raw = values.get(flag)
+    if raw is None:
+        return default
+    if not raw.isdigit() or int(raw) < minimum:
+        raise ConfigError(f"{flag} expects a whole number >= {minimum}, got {raw!r}")
+    return int(raw)
+
+
+def launch_plan(values: dict[str, str]) -> Launch:
+    """The launcher flags' values -> a Launch; ConfigError names the flag to change."""
+    nnodes = _whole_number(values, "--nnodes", 1, 1)
+    node_rank = _whole_number(values, "--node-rank", 0, 0)
+    port = values.get("--master-port")
+    backend = values.get("--rdzv-backend", "static")
+    if node_rank >= nnodes:
+        raise ConfigError(f"--node-rank {node_rank} must be below --nnodes {nnodes} (node ranks are 0 .. nnodes - 1)")
+    if nnodes > 1 and "--master-addr" not in values:
+        raise ConfigError(
+            f"--nnodes {nnodes} needs --master-addr: the address of the machine with --node-rank 0, the same on "
+            "every node"
+        )
+    if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+        raise ConfigError(f"--master-port expects a TCP port (1 .. 65535), got {port!r}")
+    if backend not in RDZV_BACKENDS:
+        raise ConfigError(f"--rdzv-backend {backend!r}: use one of {', '.join(RDZV_BACKENDS)}")
+    return Launch(
+        nproc_per_node=_whole_number(values, "--nproc-per-node", 1, 1), nnodes=nnodes, node_rank=node_rank,
+        master_addr=values.get("--master-addr"), master_port=int(port) if port is not None else None,
+        rdzv_backend=backend, max_restarts=_whole_number(values, "--max-restarts", 0, 0),
+    )
+
+
+def _launch(launch: Launch, argv: list[str]) -> int:
+    """Run `torchrun OPTIONS -m qwen3_pretrain.cli train ARGV` and wait for it."""
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        "-m", "qwen3_pretrain.cli", "train", *argv,
+        sys.executable, "-m", "torch.distributed.run", *launch.torchrun_args(), "-m", "qwen3_pretrain.cli", "train",
+        *argv,
     ]
     child = subprocess.Popen(command)
 
@@ -55,24 +125,27 @@ def _launch(nproc: int, argv: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    """Validate the flags, then train here or launch torchrun for `--nproc-per-node`."""
+    """Validate the flags, then train here or launch torchrun for the launcher flags."""
     if "-h" in argv or "--help" in argv:
         build_parser().print_help()
-        print(f"\nlauncher:\n  {LAUNCH_FLAG} N     start torchrun with N processes on this machine")
+        print(f"\n{help_epilog()}")
         return 0
     under_torchrun = "LOCAL_RANK" in os.environ
     try:
-        nproc, argv = _take_nproc(argv)
-        world = nproc if nproc is not None and not under_torchrun else None
+        launch_values, argv = _take_launch_flags(argv)
+        launch = launch_plan(launch_values) if launch_values and not under_torchrun else None
+        world = launch.world_size if launch is not None else None
         config = parse_train_args(argv, world_size=world)
+        if under_torchrun:
+            config.ignored += list(launch_values)
         from qwen3_pretrain.train.preflight import preflight  # torch: only past --help and the flag checks
 
-        preflight(config, world_size=world)
+        preflight(config, world_size=world, local_world_size=launch.nproc_per_node if launch is not None else None)
     except ConfigError as exc:
         print(f"qwen3-pretrain train: error: {exc}", file=sys.stderr)
         return 2
-    if nproc is not None and not under_torchrun:
-        return _launch(nproc, argv)
+    if launch is not None:
+        return _launch(launch, argv)
 
     from qwen3_pretrain.train.trainer import TrainingError, run_training
 

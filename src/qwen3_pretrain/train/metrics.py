@@ -1,5 +1,5 @@
 """Megatron's iteration and validation log lines, throughput figures, the start-up summary, and the
-same numbers as `<run dir>/metrics.jsonl` and TensorBoard scalars (written by the last rank)."""
+same numbers as `<run dir>/metrics.jsonl`, TensorBoard scalars and Weights & Biases (written by the last rank)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 
 from qwen3_pretrain.config import TrainConfig, schedule_steps
 from qwen3_pretrain.distributed.mesh import ParallelEnv
-from qwen3_pretrain.distributed.planner import DEVICE_SPECS
+from qwen3_pretrain.distributed.planner import DEVICE_SPECS, GIB
 from qwen3_pretrain.model import kernels
 from qwen3_pretrain.train.preflight import memory_estimate
 
@@ -40,6 +40,8 @@ class IterationLog:
     tokens_per_sec_per_device: float
     tflops_per_device: float
     mfu: float | None  # fraction of the device's dense peak; None when the peak is unknown
+    mem_peak_bytes: int  # measured peak memory per device so far, max over ranks (CPU: peak resident set)
+    mem_estimate_bytes: int  # the planner's estimate per device (`preflight.memory_estimate`)
 
     def to_record(self) -> dict[str, Any]:
         """The JSONL record: the line's numbers at full precision (non-finite values as null)."""
@@ -68,7 +70,7 @@ def format_iteration_line(log: IterationLog, now: datetime | None = None) -> str
     )
     if log.mfu is not None:
         line += f" MFU: {100 * log.mfu:.1f}% |"
-    return line
+    return line + f" mem peak/est (GiB): {log.mem_peak_bytes / GIB:.2f}/{log.mem_estimate_bytes / GIB:.2f} |"
 
 
 def format_validation_lines(label: str, loss: float) -> list[str]:
@@ -113,44 +115,72 @@ def _finite_or_none(value: Any) -> Any:
 
 
 class MetricsWriter:
-    """Appends records to `<run_dir>/metrics.jsonl` and scalars to TensorBoard; inactive off the last rank."""
+    """Appends records to `<run dir>/metrics.jsonl` and scalars to TensorBoard and W&B; inactive off the last rank.
 
-    def __init__(self, run_dir: str | None, tensorboard_dir: str | None, active: bool) -> None:
+    Each iteration's own scalars (`step`) go out every --tensorboard-log-interval iterations, as Megatron writes
+    them; the log line's figures over its interval (`iteration`: time, throughput, memory) with every log line.
+    W&B gets the TensorBoard scalars by iteration (not the "vs samples" ones) plus Megatron's "samples vs steps".
+    """
+
+    def __init__(self, config: TrainConfig, active: bool) -> None:
+        log = config.logging
+        self.interval, self.log_memory = log.tensorboard_log_interval, log.log_memory_to_tensorboard
         self.jsonl = None
         self.tensorboard = None
+        self.wandb: Any = None
         if not active:
             return
+        run_dir = log.run_dir or config.checkpoint.save
         if run_dir is not None:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
             self.jsonl = open(os.path.join(run_dir, METRICS_FILE), "a", encoding="utf-8")  # noqa: SIM115
-        if tensorboard_dir is not None:
+        if log.tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(log_dir=tensorboard_dir, max_queue=1000)
+            self.tensorboard = SummaryWriter(log_dir=log.tensorboard_dir, max_queue=1000)
+        if log.wandb_project is not None:
+            self.wandb = _start_wandb(config, run_dir)
+
+    def step(
+        self, iteration: int, consumed_samples: int, lr: float, lm_loss: float, grad_norm: float, loss_scale: float,
+        batch_size: int,
+    ) -> None:
+        """One iteration's values, written when `iteration` is a multiple of --tensorboard-log-interval."""
+        if iteration % self.interval:
+            return
+        self._scalars({"learning-rate": lr, "batch-size": batch_size, "lm loss": lm_loss, "loss-scale": loss_scale,
+                       "grad-norm": grad_norm}, iteration)
+        if self.tensorboard is not None:
+            self.tensorboard.add_scalar("lm loss vs samples", lm_loss, consumed_samples)
+        if self.wandb is not None:
+            self.wandb.log({"samples vs steps": consumed_samples}, step=iteration)
 
     def iteration(self, log: IterationLog) -> None:
+        """The log line's record, and its interval figures as scalars."""
         self._write(log.to_record())
-        if self.tensorboard is not None:
-            step = log.iteration
-            scalars = {
-                "learning-rate": log.lr, "batch-size": log.global_batch_size, "lm loss": log.lm_loss,
-                "loss-scale": log.loss_scale, "grad-norm": log.grad_norm,
-                "iteration-time": log.elapsed_ms_per_iteration / 1e3,
-                "tokens-per-sec-per-device": log.tokens_per_sec_per_device, "tflops-per-device": log.tflops_per_device,
-            }
-            if log.mfu is not None:
-                scalars["mfu"] = log.mfu
-            for tag, value in scalars.items():
-                self.tensorboard.add_scalar(tag, value, step)
-            self.tensorboard.add_scalar("lm loss vs samples", log.lm_loss, log.consumed_samples)
+        scalars: dict[str, float] = {
+            "iteration-time": log.elapsed_ms_per_iteration / 1e3,
+            "tokens-per-sec-per-device": log.tokens_per_sec_per_device, "tflops-per-device": log.tflops_per_device,
+        }
+        if log.mfu is not None:
+            scalars["mfu"] = log.mfu
+        if self.log_memory:
+            scalars["mem-max-allocated-bytes"] = log.mem_peak_bytes
+            scalars["mem-estimate-bytes"] = log.mem_estimate_bytes
+        self._scalars(scalars, log.iteration)
 
     def validation(self, iteration: int, loss: float) -> None:
         self._write(
             {"iteration": iteration, "val_loss": _finite_or_none(loss), "val_ppl": _finite_or_none(perplexity(loss))}
         )
+        self._scalars({"lm loss validation": loss, "lm loss validation ppl": perplexity(loss)}, iteration)
+
+    def _scalars(self, scalars: dict[str, float], step: int) -> None:
         if self.tensorboard is not None:
-            self.tensorboard.add_scalar("lm loss validation", loss, iteration)
-            self.tensorboard.add_scalar("lm loss validation ppl", perplexity(loss), iteration)
+            for tag, value in scalars.items():
+                self.tensorboard.add_scalar(tag, value, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
 
     def _write(self, record: dict[str, Any]) -> None:
         if self.jsonl is not None:
@@ -162,6 +192,22 @@ class MetricsWriter:
             self.jsonl.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _start_wandb(config: TrainConfig, run_dir: str | None) -> Any:
+    """A W&B run under --wandb-save-dir (default `<run dir>/wandb`), offline unless $WANDB_MODE says otherwise."""
+    import wandb
+
+    log = config.logging
+    save_dir = log.wandb_save_dir or (os.path.join(run_dir, "wandb") if run_dir is not None else None)
+    if save_dir is not None:
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+    return wandb.init(
+        project=log.wandb_project, name=log.wandb_exp_name, entity=log.wandb_entity, dir=save_dir,
+        config=config.to_flat(), mode=None if "WANDB_MODE" in os.environ else "offline",
+    )
 
 
 def startup_summary(config: TrainConfig, env: ParallelEnv, compute_dtype: torch.dtype) -> list[str]:
@@ -174,6 +220,9 @@ def startup_summary(config: TrainConfig, env: ParallelEnv, compute_dtype: torch.
     dp_mode = "FSDP2 sharded" if not par.no_shard else "replicated (DDP-style)"
     if env.world_size == 1:
         dp_mode = "single process"
+    recompute = par.recompute_granularity or "none"
+    if recompute == "full" and par.recompute_method is not None:
+        recompute += f" ({par.recompute_method} {par.recompute_num_layers})"
     precision = config.precision.name
     if kernels.bf16_via_float32(env.device, compute_dtype):
         precision += " (this CPU has no fast bf16 matmul: float32 matmuls of bf16-rounded operands)"
@@ -187,7 +236,7 @@ def startup_summary(config: TrainConfig, env: ParallelEnv, compute_dtype: torch.
         f"ffn {cfg.intermediate_size}, vocab {cfg.vocab_size}, {'tied' if cfg.tie_word_embeddings else 'untied'} "
         f"embeddings); {cfg.flops_per_token(seq) / 1e9:.2f} GFLOP per token",
         f"layout: {env.world_size} process(es) on {env.device.type} = TP {env.tp} x PP {env.pp} x DP {env.dp}, "
-        f"{dp_mode}, recompute {par.recompute_granularity or 'none'}, compile {'on' if par.compile else 'off'}, "
+        f"{dp_mode}, recompute {recompute}, compile {'on' if par.compile else 'off'}, "
         f"attention {par.attention_backend}, "
         f"{precision} compute with fp32 master weights and optimizer state",
         f"batch: global {r.global_batch_size} = micro {mbs} x DP {env.dp} x {r.num_microbatches} accumulation "
@@ -202,7 +251,13 @@ def startup_summary(config: TrainConfig, env: ParallelEnv, compute_dtype: torch.
         stages = ", ".join(map(str, r.pipeline.stage_layers))
         lines.append(f"pipeline: {r.pipeline.schedule} schedule, {r.pipeline.virtual_stages} stage(s) per rank, "
                      f"decoder layers per stage {stages}")
+    if "--calculate-per-token-loss" not in config.ignored:
+        lines.append(
+            "loss: the mean over every loss token of the global batch, as Megatron's --calculate-per-token-loss; "
+            "Megatron without it averages each micro batch's token mean, which differs when micro batches hold "
+            "different numbers of loss tokens (--eod-mask-loss)"
+        )
     ignored = config.ignored + r.notes
     if ignored:
-        lines.append(f"ignored (not needed here): {' '.join(ignored)}")
+        lines.append(f"accepted without effect here (see docs/flags.md): {' '.join(ignored)}")
     return lines

@@ -6,6 +6,7 @@ the flag to change. The pure checks live with the config (`TrainConfig.check` / 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -30,10 +31,14 @@ def prepare(argv: list[str], world_size: int | None = None) -> TrainConfig:
     return config
 
 
-def preflight(config: TrainConfig, world_size: int | None = None) -> Resolved:
-    """Check `config` against the files and devices it names and set (and return) `config.resolved`."""
+def preflight(config: TrainConfig, world_size: int | None = None, local_world_size: int | None = None) -> Resolved:
+    """Check `config` against the files and devices it names and set (and return) `config.resolved`.
+
+    `local_world_size`: the processes sharing this machine (default $LOCAL_WORLD_SIZE, else the world size).
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     config.check(world_size)  # the flag errors first, before anything is read
+    _check_wandb(config)
     _check_data_files(config)
     load_format = _load_format(config)
     resolved = config.resolve(world_size, _base_model_config(config, load_format), _tokenizer_vocab_size(config),
@@ -42,24 +47,37 @@ def preflight(config: TrainConfig, world_size: int | None = None) -> Resolved:
     if backend != "auto" and device.device_type() == "npu":
         resolved.notes.append(f"--attention-backend {backend} (Ascend NPUs use npu_fusion_attention)")
     config.resolved = resolved
-    _check_memory_fits(config)
+    _check_memory_fits(config, local_world_size)
     return resolved
 
 
+def _check_wandb(config: TrainConfig) -> None:
+    """--wandb-project needs the optional `wandb` package."""
+    if config.logging.wandb_project is not None and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            "--wandb-project needs the wandb package, which is not installed: pip install qwen3-pretrain[wandb] "
+            "(or drop --wandb-project)"
+        )
+
+
 def _check_data_files(config: TrainConfig) -> None:
+    """Every dataset prefix of --data-path / --train-data-path / ... has its .bin and .idx."""
     data = config.data
+    sources = {"--data-path": data.data_path, "--train-data-path": data.train_data_path,
+               "--valid-data-path": data.valid_data_path, "--test-data-path": data.test_data_path}
     try:
-        prefixes, _ = parse_data_path(data.data_path or [])
         parse_split(data.split)
+        for flag, paths in sources.items():
+            prefixes, _ = parse_data_path(paths) if paths else ([], None)
+            for prefix in map(strip_suffix, prefixes):
+                missing = [p for p in (bin_path(prefix), idx_path(prefix)) if not os.path.isfile(p)]
+                if missing:
+                    raise ConfigError(
+                        f"{flag} {prefix}: {', '.join(missing)} not found; pass the prefix that "
+                        "`qwen3-pretrain preprocess` wrote (e.g. data/corpus_text_document)"
+                    )
     except DataConfigError as exc:
         raise ConfigError(str(exc)) from exc
-    for prefix in map(strip_suffix, prefixes):
-        missing = [p for p in (bin_path(prefix), idx_path(prefix)) if not os.path.isfile(p)]
-        if missing:
-            raise ConfigError(
-                f"--data-path {prefix}: {', '.join(missing)} not found; pass the prefix that "
-                "`qwen3-pretrain preprocess` wrote (e.g. data/corpus_text_document)"
-            )
 
 
 def _load_format(config: TrainConfig) -> str | None:
@@ -71,11 +89,19 @@ def _load_format(config: TrainConfig) -> str | None:
     fmt = detect_format(load)
     fresh = not load.exists() or (load.is_dir() and not any(load.iterdir()))
     if fmt is None and ck.save and fresh and load.resolve() == Path(ck.save).resolve():
+        if ck.exit_on_missing_checkpoint:
+            raise ConfigError(f"--load {load} holds no checkpoint yet and --exit-on-missing-checkpoint is set")
         return None  # a new run that will save where it loads from: start from scratch
     try:
-        return open_checkpoint(load, fmt).format
+        fmt = open_checkpoint(load, fmt).format
     except CheckpointError as exc:
         raise ConfigError(str(exc)) from exc
+    if ck.enable_hf2mg_convert and fmt != "hf":
+        raise ConfigError(
+            f"--enable-hf2mg-convert: --load {load} is a {fmt} checkpoint, not an HF model directory "
+            "(config.json + *.safetensors); drop --enable-hf2mg-convert to load it as it is"
+        )
+    return fmt
 
 
 def _base_model_config(config: TrainConfig, load_format: str | None) -> Qwen3Config | None:
@@ -115,6 +141,7 @@ def memory_estimate(config: TrainConfig) -> MemoryEstimate:
         tp=par.tensor_model_parallel_size, pp=par.pipeline_model_parallel_size, dp=r.dp_size,
         micro_batch_size=config.training.micro_batch_size, recompute=par.recompute_granularity or "none",
         sequence_parallel=r.sequence_parallel, shard=not par.no_shard,
+        recompute_method=par.recompute_method, recompute_num_layers=par.recompute_num_layers,
     )
     dtype = compute_dtype(config)
     return estimate_memory(
@@ -124,13 +151,13 @@ def memory_estimate(config: TrainConfig) -> MemoryEstimate:
     )
 
 
-def _check_memory_fits(config: TrainConfig) -> None:
+def _check_memory_fits(config: TrainConfig, local_world_size: int | None) -> None:
     """Refuse a layout whose memory estimate exceeds the device memory (--skip-memory-check to try anyway)."""
     par, r = config.parallel, config.require_resolved()
     if par.skip_memory_check:
         return
     try:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", r.world_size))
+        local = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", r.world_size))
         budget = parse_size(par.device_memory) if par.device_memory is not None else device.device_memory_bytes(local)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None

@@ -37,18 +37,21 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from qwen3_pretrain.checkpoint.loader import open_checkpoint
-from qwen3_pretrain.checkpoint.native import save_checkpoint
+from qwen3_pretrain.checkpoint.mcore import McoreLayout, add_mcore_rank_files
+from qwen3_pretrain.checkpoint.native import load_model_tensors, save_checkpoint
 from qwen3_pretrain.config import Qwen3Config, TrainConfig
 from qwen3_pretrain.data.gpt_dataset import build_gpt_datasets
 from qwen3_pretrain.data.loader import build_pretraining_loader
+from qwen3_pretrain.data.mock import MockGPTDataset
 from qwen3_pretrain.distributed.clip import clip_grad_norm_
-from qwen3_pretrain.distributed.device import device_type
+from qwen3_pretrain.distributed.device import device_type, peak_memory_bytes
 from qwen3_pretrain.distributed.mesh import ParallelEnv, init_parallel, shutdown_parallel
 from qwen3_pretrain.distributed.parallelize import load_full_weights, parallelize_model
 from qwen3_pretrain.distributed.pipeline import (
     MicroBatchShape,
     PipelineSchedule,
     PipelineStageModule,
+    TokenInputs,
     as_one_module,
     broadcast_tied_embedding,
     build_pipeline_schedule,
@@ -75,7 +78,8 @@ from qwen3_pretrain.train.optim import (
     scale_grads_,
     step_unless_nonfinite,
 )
-from qwen3_pretrain.train.preflight import compute_dtype, preflight
+from qwen3_pretrain.train.preflight import compute_dtype, memory_estimate, preflight
+from qwen3_pretrain.train.profiling import StepProfiler
 
 
 class TrainingError(RuntimeError):
@@ -95,6 +99,7 @@ class TrainResult:
     final_iteration: int = 0
     consumed_samples: int = 0
     stopped_by_signal: bool = False
+    exit_flag: str | None = None  # the --exit-* flag that ended training early
     checkpoints: list[Path] = field(default_factory=list)
     tokens_per_sec_per_device: float | None = None
     tflops_per_device: float | None = None
@@ -160,13 +165,24 @@ class StopSignal:
 
 
 def token_loss_sum(
-    model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None
+    model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor, extra: TokenInputs
 ) -> torch.Tensor:
     """Sum of the float32 cross entropy over positions whose label is not -100, for one micro batch.
 
     The model's chunked LM head + loss runs, so no full-vocab logits exist for the micro batch.
     """
-    return model(tokens, labels, position_ids=positions, return_logits=False, loss_reduction="sum").loss
+    return model(tokens, labels, position_ids=extra.position_ids, document_ids=extra.document_ids,
+                 return_logits=False, loss_reduction="sum").loss
+
+
+def document_ids(tokens: torch.Tensor, eod_token_id: int) -> torch.Tensor:
+    """Token ids [b, s] -> document ids [b, s]: the number of EOD tokens strictly before each position.
+
+    Megatron's `--reset-attention-mask`: a document ends at (and includes) an EOD token, the next token starts
+    the next document.
+    """
+    is_eod = (tokens == eod_token_id).long()  # [b, s]
+    return is_eod.cumsum(dim=1) - is_eod  # [b, s]
 
 
 def seed_everything(seed: int) -> None:
@@ -201,7 +217,8 @@ def build_model_parts(config: TrainConfig, env: ParallelEnv) -> tuple[list[nn.Mo
     for part in parts:
         parallelize_model(
             part, env, compute_dtype(config), sequence_parallel=resolved.sequence_parallel,
-            recompute_granularity=par.recompute_granularity, compile_blocks=par.compile, shard=not par.no_shard,
+            recompute_granularity=par.recompute_granularity, recompute_method=par.recompute_method,
+            recompute_num_layers=par.recompute_num_layers, compile_blocks=par.compile, shard=not par.no_shard,
         )
         part.to_empty(device=env.device)
         part.model.rotary_emb.reset_parameters()
@@ -277,9 +294,8 @@ class Trainer:
         self.interval = _Interval()
         self.result = TrainResult()
         self.peak_tflops = device_peak_tflops(env.device, self.compute_dtype)
-        self.metrics = MetricsWriter(
-            config.logging.run_dir or config.checkpoint.save, config.logging.tensorboard_dir, env.is_last_rank
-        )
+        self.memory_estimate = int(memory_estimate(config).total)
+        self.metrics = MetricsWriter(config, env.is_last_rank)
         self.train_data, self.valid_data, self.test_data = self._build_datasets()
 
     # ---- state ---------------------------------------------------------------------------------
@@ -328,12 +344,29 @@ class Trainer:
         eval_samples = (r.train_iters // log.eval_interval + 1) * log.eval_iters * gbs
         num_samples = (r.train_iters * gbs, eval_samples, log.eval_iters * gbs)
 
-        def build() -> tuple[Any, Any, Any]:
+        seed = self.config.training.seed
+
+        def from_paths(paths: list[str], split: str) -> tuple[Any, Any, Any]:
             return build_gpt_datasets(
-                data.data_path or [], data.split, r.seq_length, self.config.training.seed, num_samples,
-                cache_dir=data.data_cache_path, eod_token_id=data.eod_token_id,
-                eod_mask_loss=data.eod_mask_loss, reset_position_ids=data.reset_position_ids,
+                paths, split, r.seq_length, seed, num_samples, cache_dir=data.data_cache_path,
+                eod_token_id=data.eod_token_id, eod_mask_loss=data.eod_mask_loss,
+                reset_position_ids=data.reset_position_ids,
             )
+
+        def build() -> tuple[Any, Any, Any]:
+            if data.mock_data:  # Megatron's --mock-data: random tokens for every split
+                vocab = r.model_config.vocab_size
+                train, valid, test = (MockGPTDataset(max(n, 1), r.seq_length, vocab, seed + i)
+                                      for i, n in enumerate(num_samples))
+                return train, valid, test
+            if data.train_data_path is None:
+                return from_paths(data.data_path or [], data.split)
+            per_split = (data.train_data_path, data.valid_data_path, data.test_data_path)  # each split whole
+            split_sets = [
+                from_paths(paths, ",".join("100" if j == i else "0" for j in range(3)))[i] if paths else None
+                for i, paths in enumerate(per_split)
+            ]
+            return split_sets[0], split_sets[1], split_sets[2]
 
         if not self.env.distributed:
             return build()
@@ -363,11 +396,14 @@ class Trainer:
 
     # ---- one step ------------------------------------------------------------------------------
 
-    def _to_device(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, TokenInputs]:
+        """A micro batch's token ids, labels (-100 where masked) and the position / document ids its flags ask for."""
+        data, device = self.config.data, self.env.device
         labels = batch["labels"].masked_fill(batch["loss_mask"] == 0, IGNORE_INDEX)
-        device = self.env.device
-        positions = batch["position_ids"].to(device, non_blocking=True) if self.config.data.reset_position_ids else None
-        return batch["tokens"].to(device, non_blocking=True), labels.to(device, non_blocking=True), positions
+        tokens = batch["tokens"].to(device, non_blocking=True)
+        positions = batch["position_ids"].to(device, non_blocking=True) if data.reset_position_ids else None
+        documents = document_ids(tokens, data.eod_token_id) if data.reset_attention_mask else None
+        return tokens, labels.to(device, non_blocking=True), TokenInputs(positions, documents)
 
     def _global_tokens(self, batches: list[dict[str, torch.Tensor]]) -> int:
         """Loss tokens in the global batch (TP/PP ranks of one DP slot hold the same data)."""
@@ -385,21 +421,23 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        tokens, labels, positions = self._to_device(batch)
+        tokens, labels, extra = self._to_device(batch)
         with self._autocast():
-            return token_loss_sum(self.model_parts[0], tokens, labels, positions)
+            return token_loss_sum(self.model_parts[0], tokens, labels, extra)
 
-    def _stacked(self, batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids and labels of the micro batches, stacked for the pipeline schedule: [n * b, s] each."""
-        pairs = [self._to_device(batch)[:2] for batch in batches]
-        return torch.cat([t for t, _ in pairs]), torch.cat([lab for _, lab in pairs])
+    def _stacked(self, batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, TokenInputs]:
+        """Token ids, labels and position / document ids of the micro batches, stacked for the pipeline schedule:
+        [n * b, s] each (ids None where the flags ask for none)."""
+        tokens, labels, extras = zip(*(self._to_device(batch) for batch in batches), strict=True)
+        stacked = [None if ids[0] is None else torch.cat(ids) for ids in zip(*extras, strict=True)]
+        return torch.cat(tokens), torch.cat(labels), TokenInputs(*stacked)
 
     def _forward_backward(self, batches: list[dict[str, torch.Tensor]], divisor: float) -> torch.Tensor:
         """Gradients of (summed token loss / divisor) x loss scale over the micro batches; returns the loss sum."""
         loss_scale = self.scaler.scale if self.scaler is not None else 1.0
         if self.pipeline is not None:
-            tokens, labels = self._stacked(batches)
-            mean = self.pipeline.schedule.step(tokens, labels, num_tokens=divisor, loss_scale=loss_scale)
+            tokens, labels, extra = self._stacked(batches)
+            mean = self.pipeline.schedule.step(tokens, labels, num_tokens=divisor, loss_scale=loss_scale, extra=extra)
             sync_tied_embedding_grads(self.pipeline.stages, self.pipeline.tied_group)
             return mean * divisor
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.env.device)
@@ -443,6 +481,7 @@ class Trainer:
         found = torch.stack([p.found_inf for p in self.pending]).tolist()
         minimum = [bool(p.scale_at_minimum) if p.scale_at_minimum is not None else True for p in self.pending]
         skipped_now = nan_now = 0
+        gbs, loss_scale = self.resolved.global_batch_size, float(self.scaler.scale) if self.scaler is not None else 1.0
         for p, loss_sum, norm, inf, at_min in zip(self.pending, sums.tolist(), norms, found, minimum, strict=True):
             loss = loss_sum / max(p.tokens, 1)
             skipped = inf > 0
@@ -452,6 +491,8 @@ class Trainer:
             self.result.learning_rates.append(p.lr)
             self.result.grad_norms.append(norm)
             self.result.skipped.append(skipped)
+            consumed = self.state.consumed_samples - (self.state.iteration - p.iteration) * gbs
+            self.metrics.step(p.iteration, consumed, p.lr, loss, norm, loss_scale, gbs)
             self.interval.iterations += 1
             skipped_now += int(skipped)
             nan_now += int(nan)
@@ -493,6 +534,8 @@ class Trainer:
             loss_scale=float(self.scaler.scale) if self.scaler is not None else 1.0,
             grad_norm=self.last_grad_norm, skipped_iterations=iv.skipped, nan_iterations=iv.nan,
             tokens_per_sec_per_device=tokens, tflops_per_device=tflops, mfu=mfu,
+            mem_peak_bytes=self.env.host_max(peak_memory_bytes(self.env.device)),
+            mem_estimate_bytes=self.memory_estimate,
         )
         if self.env.is_last_rank:
             print(format_iteration_line(log), flush=True)
@@ -549,9 +592,20 @@ class Trainer:
         path = save_checkpoint(
             ck.save, self.state.iteration, as_one_module(self.model_parts), self.optimizer, self.scheduler,
             train_state=self.state_dict(), config=self.config.checkpoint_dict(), keep_last=ck.keep_last_checkpoints,
+            also_write=self._write_mcore_weights if ck.ckpt_format == "torch" else None,
         )
         self.result.checkpoints.append(path)
         self.last_saved = self.state.iteration
+
+    def _write_mcore_weights(self, iteration_dir: Path) -> None:
+        """`--ckpt-format torch`: the weights, in the compute dtype, as Megatron mcore rank files of this run's
+        TP/PP layout in the same iteration directory (read back from the checkpoint, on rank 0 only)."""
+        r, par = self.resolved, self.config.parallel
+        stage_layers = r.pipeline.stage_layers if r.pipeline is not None else [r.model_config.num_hidden_layers]
+        layout = McoreLayout.build(r.model_config, par.tensor_model_parallel_size, len(stage_layers), stage_layers)
+        tensors = ((name, t.to(self.compute_dtype)) for name, t in load_model_tensors(iteration_dir).items())
+        add_mcore_rank_files(iteration_dir, tensors, r.model_config, layout, self.state.iteration,
+                             pp_ranks=par.pipeline_model_parallel_size)
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -561,12 +615,13 @@ class Trainer:
         if env.rank == 0:
             print("\n".join(startup_summary(config, env, self.compute_dtype)), flush=True)
         ck, log = config.checkpoint, config.logging
-        stop = StopSignal()
+        stop, profiler = StopSignal(), StepProfiler(config, env)
         try:
             batches = self._micro_batches(self.train_data, self.state.consumed_samples, cyclic=False)
             run_start = interval_start = time.perf_counter()
             start_iteration = self.state.iteration
             while self.state.iteration < r.train_iters:
+                profiler.before_step(self.state.iteration)
                 step_batches = [next(batches) for _ in range(r.num_microbatches)]
                 self.pending.append(self.train_step(step_batches))
                 if self.state.iteration % log.log_interval == 0:
@@ -574,23 +629,38 @@ class Trainer:
                     now = time.perf_counter()
                     self._log_line(now - interval_start)
                     interval_start = now
+                interval_start += profiler.after_step(self.state.iteration)
                 interval_start += self._periodic_eval()
                 if ck.save and ck.save_interval and self.state.iteration % ck.save_interval == 0:
                     interval_start += self._timed(self.save)
                 if env.host_any(stop.received is not None):
                     self.result.stopped_by_signal = True
                     break
+                self.result.exit_flag = self._exit_flag(time.perf_counter() - run_start)
+                if self.result.exit_flag is not None:
+                    break
             self._flush()
             seconds = time.perf_counter() - run_start
             if ck.save and self.last_saved != self.state.iteration:
                 self.save()
-            if not self.result.stopped_by_signal:
+            if not self.result.stopped_by_signal and self.result.exit_flag is None:
                 self._final_evaluations()
             self._finish(self.state.iteration - start_iteration, seconds)
         finally:
+            profiler.close(self.state.iteration)
             stop.restore()
             self.metrics.close()
         return self.result
+
+    def _exit_flag(self, seconds: float) -> str | None:
+        """The flag that ends training now (Megatron's --exit-interval / --exit-duration-in-mins), or None."""
+        tr = self.config.training
+        if tr.exit_interval is not None and self.state.iteration % tr.exit_interval == 0:
+            return f"--exit-interval {tr.exit_interval}"
+        duration = tr.exit_duration_in_mins
+        if duration is not None and self.env.host_any(seconds / 60.0 > duration):
+            return f"--exit-duration-in-mins {duration:g}"
+        return None
 
     def _timed(self, action: Any) -> float:
         start = time.perf_counter()

@@ -1,0 +1,92 @@
+"""MindSpeed-LLM users' scripts run with only the program name changed: our own copies of the structure and flag
+sets of its Qwen3 data, conversion and (every dense size's) pretraining scripts, shrunk, run end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen3_pretrain.checkpoint.hf import iter_hf_tensors, save_pretrained
+from qwen3_pretrain.checkpoint.mcore import iter_mcore_as_hf
+from qwen3_pretrain.config import get_preset
+from qwen3_pretrain.data.indexed import IndexedDataset
+from qwen3_pretrain.demo_corpus import write_corpus_parquet
+from qwen3_pretrain.model import Qwen3ForCausalLM
+
+from distributed_helpers import free_port
+
+SCRIPTS = Path(__file__).resolve().parent / "mindspeed_scripts"
+PRETRAIN = sorted(SCRIPTS.glob("pretrain_qwen3_*_4K_ptd*.sh"))
+PROGRAM = str(Path(sys.executable).with_name("qwen3-pretrain"))
+LINE = re.compile(r"iteration +(\d+)/ +3 \| consumed samples: +\d+ .* lm loss: (\S+) \|")
+# The scripts' shrunk model: 4 layers x 64 hidden, GQA 4/2 heads of 16, the real Qwen3 vocabulary.
+SHAPE = {"num_hidden_layers": 4, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 151936, "max_position_embeddings": 32768}
+
+
+def _run(script: Path, env: dict[str, str], timeout: int = 600) -> str:
+    done = subprocess.run(["bash", str(script)], env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                      "QWEN3_PRETRAIN_DEVICE": "cpu", "QWEN3_PRETRAIN": PROGRAM, **env},
+                          capture_output=True, text=True, timeout=timeout, check=False)
+    assert done.returncode == 0, f"{script.name} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    return done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory, qwen3_tokenizer_dir: Path) -> dict[str, Path]:
+    """The seed user's steps: preprocess an Alpaca-style parquet, HF weights (tied and untied) of the scripts'
+    shape, converted to mcore and back."""
+    root = tmp_path_factory.mktemp("mindspeed")
+    write_corpus_parquet(root / "train.parquet", 60)
+    out = _run(SCRIPTS / "data_convert_qwen3_pretrain.sh", {
+        "INPUT_PARQUET": str(root / "train.parquet"), "TOKENIZER_PATH": str(qwen3_tokenizer_dir),
+        "DATASET_DIR": str(root / "dataset"),
+    })
+    assert "enwiki_text_document" in out and len(IndexedDataset(str(root / "dataset" / "enwiki_text_document"))) == 60
+    paths = {"data": root / "dataset" / "enwiki_text_document", "tokenizer": qwen3_tokenizer_dir}
+    for tied in (True, False):
+        config = dataclasses.replace(get_preset("qwen3-tiny"), **SHAPE, tie_word_embeddings=tied)
+        torch.manual_seed(0)
+        hf = root / f"hf_{'tied' if tied else 'untied'}"
+        save_pretrained(Qwen3ForCausalLM(config), hf, dtype=torch.bfloat16)
+        shutil.copy(qwen3_tokenizer_dir / "tokenizer.json", hf)
+        paths[f"hf_{tied}"] = hf
+    mcore, back = root / "mcore", root / "hf_back"
+    env = {"HF_DIR": str(paths["hf_False"]), "MCORE_DIR": str(mcore), "HF_OUT_DIR": str(back)}
+    _run(SCRIPTS / "ckpt_convert_qwen3_hf2mcore.sh", env)
+    assert (mcore / "iter_0000001" / "mp_rank_00_001" / "model_optim_rng.pt").is_file()
+    _run(SCRIPTS / "ckpt_convert_qwen3_mcore2hf.sh", env)
+    original, converted = dict(iter_hf_tensors(paths["hf_False"])), dict(iter_hf_tensors(back))
+    assert converted.keys() == original.keys() and all(torch.equal(converted[n], original[n]) for n in original)
+    return paths
+
+
+def test_every_dense_size_has_a_script() -> None:
+    sizes = {re.match(r"pretrain_qwen3_(\w+?)_4K", p.name).group(1) for p in PRETRAIN}  # type: ignore[union-attr]
+    assert sizes == {"0point6b", "1point7b", "4b", "8b", "14b", "32b"} and len(PRETRAIN) == 9
+
+
+@pytest.mark.parametrize("script", PRETRAIN, ids=[p.stem for p in PRETRAIN])
+def test_mindspeed_pretrain_script_runs_unchanged(script: Path, workspace: dict[str, Path], tmp_path: Path) -> None:
+    untied = "--untie-embeddings-and-output-weights" in script.read_text()
+    save = tmp_path / "save"
+    out = _run(script, {
+        "CKPT_LOAD_DIR": str(workspace[f"hf_{not untied}"]), "CKPT_SAVE_DIR": str(save),
+        "DATA_PATH": str(workspace["data"]), "TOKENIZER_PATH": str(workspace["tokenizer"]),
+        "MASTER_PORT": str(free_port()),
+    })
+    iterations = [(int(i), float(loss)) for i, loss in LINE.findall(out)]
+    assert [i for i, _ in iterations] == [1, 2, 3], out[-3000:]
+    assert all(loss == loss and 5.0 < loss < 20.0 for _, loss in iterations)  # finite, near ln(151936) = 11.9
+    assert "successfully saved checkpoint from iteration       3" in out
+    config, iteration, tensors = iter_mcore_as_hf(save)  # --ckpt-format torch: Megatron's files are there too
+    assert iteration == 3 and config.num_hidden_layers == 4 and config.tie_word_embeddings is not untied
+    assert all(t.dtype == torch.bfloat16 for _, t in tensors)
