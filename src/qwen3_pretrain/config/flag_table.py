@@ -189,8 +189,7 @@ SPEED_ONLY: dict[str, tuple[str, ...]] = {
         "--log-max-attention-logit", "--log-device-memory-used", "--log-memory-interval V", "--logging-level V",
         "--log-level V", "--timing-log-level V", "--timing-log-option V", "--no-barrier-with-level-1-timing",
         "--tensorboard-queue-size V", "--disable-log-loss-scale-to-tensorboard", "--no-log-loss-scale-to-tensorboard",
-        "--log-straggler", "--config-logger-dir V", "--op-cal-tflops", "--print-expert-load",
-        "--nvtx-ranges",
+        "--log-straggler", "--config-logger-dir V", "--op-cal-tflops", "--print-expert-load", "--nvtx-ranges",
     ),
     "profiler": (
         "--use-pytorch-profiler", "--profile-level V", "--profile-export-type V", "--profile-data-simplification",
@@ -200,10 +199,9 @@ SPEED_ONLY: dict[str, tuple[str, ...]] = {
         "--handler-name V", "--workers V", "--append-eod", "--json-keys V...", "--output-prefix V", "--split-sentences",
         "--keep-newlines", "--tokenizer-not-use-fast", "--tokenizer-padding-side V", "--prompt-type V",
         "--prompt-type-path V", "--n-subs V", "--dataset-impl V", "--cache-dir V", "--input V", "--map-keys V",
-        "--pack", "--neat-pack", "--enable-thinking V", "--streaming", "--overwrite-cache", "--hf-datasets-params V",
-        "--dataset-additional-keys V...", "--num-dataset-builder-threads V", "--dataloader-defer-npy-index-mmap",
-        "--dataloader-fast-cache-load", "--no-mmap-bin-files", "--object-storage-cache-path V",
-        "--per-dataset-sequences-path V",
+        "--pack", "--streaming", "--overwrite-cache", "--hf-datasets-params V", "--num-dataset-builder-threads V",
+        "--dataloader-defer-npy-index-mmap", "--dataloader-fast-cache-load", "--no-mmap-bin-files",
+        "--object-storage-cache-path V", "--per-dataset-sequences-path V",
     ),
     "always": (
         "--attention-softmax-in-fp32", "--accumulate-allreduce-grads-in-fp32", "--exit-signal-handler",
@@ -213,7 +211,7 @@ SPEED_ONLY: dict[str, tuple[str, ...]] = {
         "--qk-layernorm", "--swiglu", "--disable-bias-linear", "--use-rotary-position-embeddings",
     ),
     "nonfinite": (
-        "--no-check-for-nan-in-loss-and-grad", "--check-for-large-grads",
+        "--no-check-for-nan-in-loss-and-grad",
     ),
     "moerouter": (
         "--norm-topk-prob",
@@ -291,7 +289,7 @@ REFUSED: dict[str, tuple[str, ...]] = {
         "--is-pairwise-dataset", "--pref-ftx", "--qad-", "--no-qad-", "--kl-", "--is-instruction-dataset",
         "--variable-seq-lengths", "--no-pad-to-seq-lengths", "--cut-max-seqlen", "--no-cut-token",
         "--full-shuffle-instruction-dataset", "--freeze-all-layers", "--reward-tokens", "--drop-thinking",
-        "--reasoning-effort", "--stage",
+        "--neat-pack", "--enable-thinking", "--dataset-additional-keys", "--reasoning-effort", "--stage",
     ),
     "legacy": (
         "--use-legacy-models",
@@ -404,12 +402,13 @@ REFUSED: dict[str, tuple[str, ...]] = {
         "--max-samples",
     ),
     "train": (
-        "--disable-bf16-reduced-precision-matmul", "--batch-size", "--checkpoint-activations",
-        "--recompute-activations", "--recompute-modules", "--recompute-module-list", "--recompute-type",
-        "--moe-layer-recompute", "--gtp-remat", "--data-parallel-random-init", "--inference-rng-tracker",
-        "--te-rng-tracker", "--no-initialization", "--exit-signal", "--exit-signal-handler-for-dataloader",
-        "--save-activations-interval", "--save-dgrads-interval", "--save-params-interval", "--save-wgrads-interval",
-        "--save-tokens-per-expert-interval", "--additional-config", "--max-tokens-to-oom",
+        "--disable-bf16-reduced-precision-matmul", "--check-for-large-grads", "--batch-size",
+        "--checkpoint-activations", "--recompute-activations", "--recompute-modules", "--recompute-module-list",
+        "--recompute-type", "--moe-layer-recompute", "--gtp-remat", "--data-parallel-random-init",
+        "--inference-rng-tracker", "--te-rng-tracker", "--no-initialization", "--exit-signal",
+        "--exit-signal-handler-for-dataloader", "--save-activations-interval", "--save-dgrads-interval",
+        "--save-params-interval", "--save-wgrads-interval", "--save-tokens-per-expert-interval", "--additional-config",
+        "--max-tokens-to-oom",
     ),
     "convert": (
         "--enable-mg2hf-convert", "--hf-cfg-dir", "--hf-save-dir", "--mg-save-dir", "--load-model-type",
