@@ -79,6 +79,7 @@ def test_speed_only_flags_are_accepted_with_their_values_and_listed() -> None:
         (["--context-parallel-size", "2"], r"--context-parallel-size 2: context parallelism is not implemented"),
         (["--model-type-hf", "llama2"], r"--model-type-hf llama2: qwen3-pretrain trains qwen3"),
         (["--mock-data"], r"give only one of --data-path and --mock-data"),
+        (["--ckpt-format", "torch_dist"], r"--ckpt-format torch_dist: Megatron's distributed-checkpoint layout"),
     ],
 )
 def test_refused_flags_name_the_flag_and_the_reason(flags: list[str], message: str) -> None:

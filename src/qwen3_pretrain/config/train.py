@@ -42,7 +42,7 @@ WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 ATTENTION_BACKENDS = ("auto", "flash", "fused", "efficient", "unfused")  # model.kernels.ATTENTION_BACKENDS
 CONFIG_FLAG = "--config"
-CKPT_FORMATS = ("torch_dist", "torch")
+CKPT_FORMATS = ("native", "torch")
 CP_ALGOS = ("megatron_cp_algo", "ulysses_cp_algo", "hybrid_cp_algo", "hybrid_adaptive_cp_algo", "kvallgather_cp_algo")
 HF_MODEL_TYPES = ("qwen3",)
 PRECISION_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # precision -> torch dtype name
@@ -224,7 +224,7 @@ class CheckpointArgs:
     keep_last_checkpoints: int | None = _opt(None, "delete older checkpoints of this run so that this many remain")
     exit_on_missing_checkpoint: bool = _opt(False, "fail when --load holds no checkpoint (instead of starting fresh)")
     ckpt_format: str = _opt(
-        "torch_dist", "torch_dist: native DCP checkpoints; torch: also the weights as Megatron mcore rank files "
+        "native", "native: DCP checkpoints any layout resumes; torch: also the weights as Megatron mcore rank files "
         "(iter_N/mp_rank_*/model_optim_rng.pt) that MindSpeed/Megatron load", CKPT_FORMATS,
     )
     enable_hf2mg_convert: bool = _opt(False, "--load names an HF model directory, loaded into the run's layout")
@@ -421,6 +421,7 @@ class TrainConfig:
         Raises ConfigError naming the flag to change.
         """
         self._check_ranges()
+        self._check_checkpoint_flags()  # before the choices: a Megatron --ckpt-format gets its own answer
         self._check_choices()
         par, tr = self.parallel, self.training
         check_recompute(par.recompute_granularity, par.recompute_method, par.recompute_num_layers)
@@ -439,7 +440,6 @@ class TrainConfig:
         if self.precision.bf16 and self.precision.fp16:
             raise ConfigError("--bf16 and --fp16 are exclusive; pick one")
         self._check_data_sources()
-        self._check_checkpoint_flags()
         if self.parallel.context_parallel_size != 1:
             raise ConfigError(
                 f"--context-parallel-size {self.parallel.context_parallel_size}: context parallelism is not "
@@ -503,6 +503,13 @@ class TrainConfig:
 
     def _check_checkpoint_flags(self) -> None:
         ck = self.checkpoint
+        if ck.ckpt_format in ("torch_dist", "fsdp_dtensor"):
+            raise ConfigError(
+                f"--ckpt-format {ck.ckpt_format}: Megatron's distributed-checkpoint layout is not written here; drop "
+                "the flag for native DCP checkpoints (any layout resumes them), or use --ckpt-format torch to also "
+                "write mcore rank files; `qwen3-pretrain convert --load-model-type native --save-model-type mg` "
+                "converts a native checkpoint for Megatron/MindSpeed"
+            )
         if ck.model_type_hf is not None and ck.model_type_hf not in HF_MODEL_TYPES:
             raise ConfigError(
                 f"--model-type-hf {ck.model_type_hf}: qwen3-pretrain trains {', '.join(HF_MODEL_TYPES)} models "
