@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("qwen3_pretrain.data.preprocess", "tokenize text into Megatron .bin/.idx (MindSpeed flags)"),
     "data": ("qwen3_pretrain.data.info", "inspect tokenized data (data info PREFIX)"),
     "convert": ("qwen3_pretrain.checkpoint.convert", "convert checkpoints HF <-> Megatron/MindSpeed mcore (any TP/PP)"),
+    "checkpoint": ("qwen3_pretrain.checkpoint.verify", "verify native checkpoints' checksums (checkpoint verify DIR)"),
 }
 
 

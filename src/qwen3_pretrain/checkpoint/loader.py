@@ -27,6 +27,7 @@ from qwen3_pretrain.checkpoint.native import (
     is_native_checkpoint_dir,
     load_checkpoint,
     load_model_config,
+    read_dcp_metadata,
     resolve_checkpoint_dir,
 )
 from qwen3_pretrain.config import Qwen3Config
@@ -49,13 +50,15 @@ def detect_format(path: str | os.PathLike[str]) -> str | None:
 
 
 class CheckpointSource(ABC):
-    """A checkpoint to start a run from; `path` is what `--load` named."""
+    """A checkpoint to start a run from; `path` is what `--load` named; `verify`: check the files against
+    the checkpoint's manifest before loading (native checkpoints have one)."""
 
     format: ClassVar[str]
     resumes: ClassVar[bool] = False  # restores optimizer, schedule, RNG and the trainer's state too
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, verify: bool = True) -> None:
         self.path = path
+        self.verify = verify
 
     @abstractmethod
     def model_config(self) -> Qwen3Config:
@@ -106,21 +109,27 @@ class NativeSource(CheckpointSource):
     format = "native"
     resumes = True
 
+    def __init__(self, path: Path, verify: bool = True) -> None:
+        super().__init__(path, verify)
+        read_dcp_metadata(resolve_checkpoint_dir(path))  # refuses unsafe or damaged metadata before any process starts
+
     def model_config(self) -> Qwen3Config:
         return qwen3_config_from_saved(load_model_config(self.path), resolve_checkpoint_dir(self.path))
 
     def load_into(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                   scheduler: Stateful | None = None, load_rng: bool = False,
                   held_elsewhere: Collection[str] = ()) -> dict[str, Any]:
-        return load_checkpoint(self.path, model, optimizer=optimizer, lr_scheduler=scheduler, load_rng=load_rng)
+        return load_checkpoint(self.path, model, optimizer=optimizer, lr_scheduler=scheduler, load_rng=load_rng,
+                               verify=self.verify)
 
 
 _SOURCES: dict[str, type[CheckpointSource]] = {s.format: s for s in (NativeSource, HFSource, McoreSource)}
 
 
-def open_checkpoint(path: str | os.PathLike[str], format: str | None = None) -> CheckpointSource:
+def open_checkpoint(path: str | os.PathLike[str], format: str | None = None, verify: bool = True) -> CheckpointSource:
     """The checkpoint at `path` (a --save directory, one iteration directory, an HF model directory or an
-    mcore checkpoint), its format detected unless given. CheckpointError says what was found instead."""
+    mcore checkpoint), its format detected unless given. CheckpointError says what was found instead, or
+    why a native checkpoint's metadata is refused. `verify`: see CheckpointSource."""
     fmt = detect_format(path) if format is None else format
     if fmt is None:
         what = "does not exist" if not Path(path).exists() else "is none of the known checkpoint formats"
@@ -128,4 +137,4 @@ def open_checkpoint(path: str | os.PathLike[str], format: str | None = None) -> 
             f"--load {path} {what}: pass a native checkpoint directory (a --save directory or one iter_N), "
             "an HF model directory (config.json + *.safetensors) or a Megatron mcore checkpoint"
         )
-    return _SOURCES[fmt](Path(path))
+    return _SOURCES[fmt](Path(path), verify)

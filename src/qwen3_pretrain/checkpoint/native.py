@@ -7,15 +7,21 @@ Layout (Megatron-like):
     <save_dir>/iter_0002000/train_state.pt           iteration, world size, train state, LR scheduler
     <save_dir>/iter_0002000/config.yaml              the full run configuration
     <save_dir>/iter_0002000/rng/rank_00000.pt        RNG states of each rank
+    <save_dir>/iter_0002000/manifest.json            size and CRC-32 of every other file, written last
 
 Model and optimizer go through `torch.distributed.checkpoint.state_dict.get_state_dict`, so tensors
 are stored under their unwrapped FQNs with their global shapes: a checkpoint written by FSDP2, TP,
 PP or a single process loads into any other layout (DCP reshards on load).
 
-A save is atomic: everything is written into `<save_dir>/.iter_N.incomplete`, renamed to `iter_N`,
+A save is atomic: everything is written into `<save_dir>/.iter_N.<token>.incomplete`, renamed to `iter_N`,
 and only then is the `latest` file replaced (write to a temporary name + rename). A save killed at
 any point leaves the previous checkpoint complete and `latest` pointing at it. Re-saving an existing
 iteration moves the old directory aside first; a load falls back to it if a kill lands in between.
+
+Loading checks every file against the manifest first (`verify=False` skips it; saves older than the
+manifest load with a warning), and nothing read from a checkpoint can run code: torch files are read
+with `weights_only=True` (`_load_torch_file`) and DCP's `.metadata`, which DCP itself unpickles without
+restriction, with an allowlist of the metadata classes (`read_dcp_metadata`).
 """
 
 from __future__ import annotations
@@ -24,15 +30,19 @@ import contextlib
 import dataclasses
 import enum
 import io
+import json
 import os
+import pathlib
+import pickle
 import random
 import re
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
-from typing import Any, Protocol
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -41,7 +51,17 @@ import torch.distributed.checkpoint as dcp
 import yaml
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import (
+    _MEM_FORMAT_ENCODING,
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -56,12 +76,17 @@ TRAIN_STATE_FILE = "train_state.pt"
 CONFIG_FILE = "config.yaml"
 RNG_DIR = "rng"
 DCP_METADATA_FILE = ".metadata"
+MANIFEST_FILE = "manifest.json"
 FORMAT_NAME = "qwen3-pretrain-native"
 FORMAT_VERSION = 1
+MANIFEST_FORMAT = "qwen3-pretrain-manifest"
+CHECKSUM = "crc32"  # zlib's CRC-32: ~4x blake2b's speed here (BENCHMARKS.md); it guards against damage, not tampering
 MODEL_KEY = "model"
 OPTIMIZER_KEY = "optimizer"
 
 ITER_DIR_PATTERN = re.compile(r"^iter_(\d{7,})$")
+_CHUNK_BYTES = 16 << 20  # read size of checksums
+_T = TypeVar("_T")
 
 
 
@@ -86,7 +111,12 @@ def iteration_dir_name(iteration: int) -> str:
 
 
 def _staging_dir(final: Path) -> Path:
-    return final.with_name(f".{final.name}.incomplete")
+    """A new `.iter_N.<token>.incomplete` per save, the same on every rank (rank 0's token, broadcast: collective),
+    so nothing an earlier save left behind, or a straggler of it still writes, mixes into this save."""
+    token = [os.urandom(6).hex()]
+    if _distributed():
+        dist.broadcast_object_list(token, src=0)
+    return final.with_name(f".{final.name}.{token[0]}.incomplete")
 
 
 def _replaced_dir(final: Path) -> Path:
@@ -145,6 +175,22 @@ def _on_rank0(action: Callable[[], None]) -> None:
         dist.broadcast_object_list(box, src=0)
         if box[0] is not None:
             raise CheckpointError(f"rank 0 failed while saving a checkpoint: {box[0]}")
+
+
+def _on_all_ranks(action: Callable[[], _T], what: str) -> list[_T]:
+    """`action()` on every rank, the results gathered in rank order on all; every rank raises if one failed."""
+    if not _distributed():
+        return [action()]
+    try:
+        mine: tuple[_T | None, str | None] = (action(), None)
+    except Exception as exc:
+        mine = (None, f"{type(exc).__name__}: {exc}")
+    gathered: list[Any] = [None] * _world_size()
+    dist.all_gather_object(gathered, mine)
+    failed = [f"rank {rank}: {error}" for rank, (_, error) in enumerate(gathered) if error is not None]
+    if failed:
+        raise CheckpointError(f"{what} failed on " + "; ".join(failed))
+    return [result for result, _ in gathered]
 
 
 # ---- small durable file writes -----------------------------------------------------------------
@@ -219,7 +265,7 @@ def _safe_pickle(state: dict[str, Any]) -> bytes:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     try:
-        torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+        _load_torch_file(io.BytesIO(buffer.getvalue()))
     except Exception as exc:
         raise TypeError(
             f"the train state or LR scheduler state holds a type that cannot be loaded safely ({exc}); "
@@ -272,6 +318,200 @@ def _restore_rng(state: dict[str, Any], source: Path) -> None:
         )
 
 
+# ---- reading safely: nothing in a checkpoint can run code --------------------------------------
+
+
+def _load_torch_file(source: Path | io.BytesIO) -> Any:
+    """The one way this module unpickles torch data (train state, RNG states, DCP's non-tensor entries):
+    `weights_only=True`, so tensors and plain Python values only (DCP reads its tensors the same way)."""
+    return torch.load(source, map_location="cpu", weights_only=True)
+
+
+# Everything a DCP `.metadata` pickle refers to (found by unpickling real saves of every layout): DCP's
+# metadata dataclasses, torch.Size, dtypes, layouts, the Path of the save (PosixPath's module moved in 3.13).
+_DCP_METADATA_GLOBALS: dict[str, Any] = {
+    **{
+        f"{obj.__module__}.{obj.__qualname__}": obj
+        for obj in (
+            Metadata, StorageMeta, MetadataIndex, TensorStorageMetadata, BytesStorageMetadata,
+            ChunkStorageMetadata, TensorProperties, _MEM_FORMAT_ENCODING, _StorageInfo, torch.Size,
+            torch.serialization._get_layout,
+        )
+    },
+    **{f"torch.{name}": value for name, value in vars(torch).items() if isinstance(value, torch.dtype)},
+    "pathlib.PosixPath": pathlib.PosixPath,
+    "pathlib._local.PosixPath": pathlib.PosixPath,
+}
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle names something outside the allowlist."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata, resolving only the names in `_DCP_METADATA_GLOBALS` (no persistent ids)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _DCP_METADATA_GLOBALS[f"{module}.{name}"]
+        except KeyError:
+            raise _RefusedGlobal(f"{module}.{name}") from None
+
+
+def _inside(name: str) -> bool:
+    """True for a relative path that stays inside its directory (no absolute path, no `..`)."""
+    path = PurePosixPath(name)
+    return bool(name) and not path.is_absolute() and ".." not in path.parts
+
+
+def read_dcp_metadata(checkpoint: Path) -> Metadata:
+    """`checkpoint`'s DCP metadata, unpickled with an allowlist of the classes DCP stores there.
+
+    DCP's own reader unpickles `.metadata` without restriction, so a crafted file would run code when
+    loaded; this raises CheckpointError naming the file and what it refers to instead.
+    """
+    path = checkpoint / DCP_METADATA_FILE
+    try:
+        with open(path, "rb") as handle:
+            metadata = _MetadataUnpickler(handle).load()
+    except _RefusedGlobal as exc:
+        raise CheckpointError(
+            f"{path} was refused: its pickle refers to {exc}, which DCP metadata never holds, so loading it "
+            "could run arbitrary code (the file was crafted or is damaged); load a checkpoint you trust"
+        ) from None
+    except Exception as exc:  # a damaged pickle raises anything from EOFError to TypeError
+        raise CheckpointError(f"{path} is unreadable ({type(exc).__name__}: {exc}); load another iteration") from exc
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
+        raise CheckpointError(f"{path} holds a {type(metadata).__name__}, not DCP metadata; load another iteration")
+    for info in metadata.storage_data.values():
+        if not isinstance(info, _StorageInfo) or not isinstance(info.relative_path, str) or not _inside(
+            info.relative_path
+        ):
+            raise CheckpointError(f"{path} names a data file outside its checkpoint ({info!r}); refusing to load it")
+    return metadata
+
+
+class _CheckedReader(dcp.FileSystemReader):
+    """DCP's file reader, handing DCP the metadata `read_dcp_metadata` read (read once, on construction)."""
+
+    def __init__(self, checkpoint: Path) -> None:
+        super().__init__(checkpoint)
+        self._metadata = read_dcp_metadata(checkpoint)
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        self._metadata.storage_meta = self._metadata.storage_meta or StorageMeta()
+        self._metadata.storage_meta.load_id = self.load_id
+        return self._metadata
+
+
+# ---- manifest: the size and checksum of every file, checked before loading ----------------------
+
+
+def file_checksum(path: Path) -> str:
+    """The CRC-32 of a file's bytes, as 8 hex digits."""
+    crc = 0
+    with open(path, "rb", buffering=0) as handle:
+        buffer = bytearray(max(1, min(_CHUNK_BYTES, os.fstat(handle.fileno()).st_size)))
+        view = memoryview(buffer)
+        while count := handle.readinto(buffer):
+            crc = zlib.crc32(view[:count], crc)
+    return f"{crc:08x}"
+
+
+def _manifest_entry(path: Path) -> dict[str, Any]:
+    return {"size": path.stat().st_size, CHECKSUM: file_checksum(path)}
+
+
+def _own_file_entries(staging: Path) -> dict[str, dict[str, Any]]:
+    """Manifest entries of the files this rank wrote (its DCP shards `__{rank}_*`, its RNG state), read back
+    while they are likely still in its page cache; the other files are checksummed by rank 0."""
+    rank = _rank()
+    own = [*sorted(staging.glob(f"__{rank}_*.distcp")), _rng_file(staging, rank)]
+    return {path.relative_to(staging).as_posix(): _manifest_entry(path) for path in own}
+
+
+def _write_manifest(directory: Path, known: Mapping[str, dict[str, Any]]) -> None:
+    """Write `directory/manifest.json`: the entries in `known` plus those of the other files there."""
+    names = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()} - {MANIFEST_FILE}
+    files = {name: known.get(name) or _manifest_entry(directory / name) for name in sorted(names | set(known))}
+    manifest = {"format": MANIFEST_FORMAT, "version": 1, "checksum": CHECKSUM, "files": files}
+    _write_durably(directory / MANIFEST_FILE, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+
+
+def _is_entry(entry: Any) -> bool:
+    return isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get(CHECKSUM), str)
+
+
+def read_manifest(checkpoint: Path) -> dict[str, dict[str, Any]] | None:
+    """The files `checkpoint`'s manifest lists (name -> size and checksum); None for a save without one."""
+    path = checkpoint / MANIFEST_FILE
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is damaged ({exc}); load another iteration") from exc
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if (
+        not isinstance(files, dict)
+        or manifest.get("format") != MANIFEST_FORMAT
+        or manifest.get("checksum") != CHECKSUM
+        or not all(_inside(name) and _is_entry(entry) for name, entry in files.items())
+    ):
+        raise CheckpointError(
+            f"{path} is not a {MANIFEST_FORMAT} with {CHECKSUM} checksums; it is damaged or from a newer "
+            "qwen3-pretrain"
+        )
+    return files
+
+
+def damaged_files(checkpoint: Path, files: Mapping[str, dict[str, Any]], names: Iterable[str]) -> list[str]:
+    """One line per file of `names` that is missing or differs from its manifest entry in `files`."""
+    problems = []
+    for name in names:
+        path, expected = checkpoint / name, files[name]
+        try:
+            size = path.stat().st_size
+            if size != expected["size"]:
+                problems.append(f"{path}: {size} bytes, the manifest says {expected['size']} (truncated or rewritten)")
+            elif (checksum := file_checksum(path)) != expected[CHECKSUM]:
+                problems.append(
+                    f"{path}: {CHECKSUM} {checksum}, the manifest says {expected[CHECKSUM]} (its bytes changed)"
+                )
+        except OSError as exc:
+            problems.append(f"{path}: {exc.strerror or exc}")
+    return problems
+
+
+def verify_checkpoint(checkpoint: Path, collective: bool = False) -> bool:
+    """Check every file of the iteration directory `checkpoint` against its manifest; False (and a warning)
+    when it has none. CheckpointError names each damaged file. `collective`: call on every rank, which
+    share the reading."""
+    files = read_manifest(checkpoint)
+    if files is None:
+        if _rank() == 0 or not collective:
+            warnings.warn(
+                f"{checkpoint} has no {MANIFEST_FILE} (saved before qwen3-pretrain wrote one): "
+                "its files are loaded without being verified",
+                stacklevel=3,
+            )
+        return False
+    names = sorted(files)
+    if collective:
+        share = names[_rank() :: _world_size()]
+        shares = _on_all_ranks(lambda: damaged_files(checkpoint, files, share), "verifying a checkpoint")
+        problems = [problem for part in shares for problem in part]
+    else:
+        problems = damaged_files(checkpoint, files, names)
+    if problems:
+        raise CheckpointError(
+            f"{checkpoint} is damaged: {len(problems)} of its files differ from {MANIFEST_FILE}:\n  "
+            + "\n  ".join(problems)
+            + "\nload another iteration (or skip this check: train --no-verify-checkpoint)"
+        )
+    return True
+
+
 # ---- save ------------------------------------------------------------------------------------
 
 
@@ -321,6 +561,7 @@ def save_checkpoint(
     `iter_N` directory. `keep_last` deletes older checkpoints beyond the newest `keep_last`.
     `also_write(directory)` runs on rank 0 on the complete checkpoint before it is committed (other
     formats of the same weights, written into the same directory, appear atomically with it).
+    The manifest comes last: each rank checksums the files it wrote, rank 0 the rest.
     An optimizer that has not stepped yet is recorded as empty (DCP would otherwise initialise
     its state with a zero step, which changes the live optimizer).
     """
@@ -356,12 +597,14 @@ def save_checkpoint(
     _write_durably(_rng_file(staging, _rank()), lambda f: torch.save(rng_state, f))
     with _single_process_is_intended():
         dcp.save(state, checkpoint_id=staging)
+    checksums = _on_all_ranks(lambda: _own_file_entries(staging), "checksumming a checkpoint")
 
     def commit() -> None:
         _write_durably(staging / TRAIN_STATE_FILE, lambda f: f.write(meta_bytes))
         _write_durably(staging / CONFIG_FILE, lambda f: f.write(config_text.encode()))
         if also_write is not None:
             also_write(staging)
+        _write_manifest(staging, {name: entry for entries in checksums for name, entry in entries.items()})
         replace_directory(staging, final)
         _write_latest(save_dir, iteration)
         if keep_last is not None:
@@ -416,7 +659,7 @@ def resolve_checkpoint_dir(load_dir: str | os.PathLike[str], iteration: int | No
 def _read_meta(checkpoint: Path) -> dict[str, Any]:
     path = checkpoint / TRAIN_STATE_FILE
     try:
-        meta = torch.load(path, weights_only=True)
+        meta = _load_torch_file(path)
     except Exception as exc:
         raise CheckpointError(f"{path} is corrupt ({exc}); load an earlier iteration") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
@@ -430,7 +673,7 @@ class _SafeLoadPlanner(dcp.DefaultLoadPlanner):
     """DCP's default planner, but non-tensor entries are unpickled with weights_only=True."""
 
     def load_bytes(self, read_item: Any, value: Any) -> None:
-        loaded = torch.load(value, weights_only=True)
+        loaded = _load_torch_file(value)
         if self.flatten_state_dict:
             from torch.distributed.checkpoint._nested_dict import set_element
 
@@ -440,9 +683,10 @@ class _SafeLoadPlanner(dcp.DefaultLoadPlanner):
 
 
 def _dcp_load(state: dict[str, Any], checkpoint: Path, what: str, no_dist: bool = False) -> None:
+    reader = _CheckedReader(checkpoint)
     try:
         with _single_process_is_intended():
-            dcp.load(state, checkpoint_id=checkpoint, planner=_SafeLoadPlanner(), no_dist=no_dist)
+            dcp.load(state, storage_reader=reader, planner=_SafeLoadPlanner(), no_dist=no_dist)
     except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
         raise CheckpointError(
             f"cannot load the {what} from {checkpoint}: {exc}\n(the checkpoint was written for a different "
@@ -457,15 +701,19 @@ def load_checkpoint(
     lr_scheduler: Stateful | None = None,
     load_rng: bool = True,
     iteration: int | None = None,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Load a native checkpoint into `model` (and `optimizer`, `lr_scheduler`, RNGs); collective.
 
     `load_dir` is a --save directory (its `latest`, or `iteration`) or one `iter_N` directory. Any
     parallel layout loads a checkpoint of any other. With `optimizer=None` only the weights are
     loaded (--finetune, --no-load-optim). RNG states are restored only when the world size equals
-    the saving one (a warning otherwise). Returns the saved train state, with "iteration" set.
+    the saving one (a warning otherwise). `verify` checks the files against the manifest first.
+    Returns the saved train state, with "iteration" set.
     """
     checkpoint = resolve_checkpoint_dir(load_dir, iteration)
+    if verify:
+        verify_checkpoint(checkpoint, collective=True)
     meta = _read_meta(checkpoint)
     _print_rank0(f" loading checkpoint from {load_dir} at iteration {meta['iteration']}")
     if optimizer is not None and meta["optimizer"] == "absent":
@@ -501,25 +749,25 @@ def _load_rng(checkpoint: Path, saved_world_size: int) -> None:
         return
     path = _rng_file(checkpoint, _rank())
     try:
-        state = torch.load(path, weights_only=True)
+        state = _load_torch_file(path)
     except Exception as exc:
         raise CheckpointError(f"cannot read RNG state {path} ({exc}); load with --no-load-rng") from exc
     _restore_rng(state, path)
 
 
-def load_model_tensors(load_dir: str | os.PathLike[str], iteration: int | None = None) -> dict[str, torch.Tensor]:
+def load_model_tensors(
+    load_dir: str | os.PathLike[str], iteration: int | None = None, verify: bool = True
+) -> dict[str, torch.Tensor]:
     """The model's full tensors (name -> CPU tensor, saved dtype), read by this process alone.
 
     Needs no model object: the names, shapes and dtypes come from the DCP metadata, so this works
     for a checkpoint of any layout, also inside a job with a process group (no collectives).
+    `verify` checks the files against the manifest first.
     """
     checkpoint = resolve_checkpoint_dir(load_dir, iteration)
-    try:
-        metadata = dcp.FileSystemReader(checkpoint).read_metadata()
-    except Exception as exc:
-        raise CheckpointError(
-            f"{checkpoint / DCP_METADATA_FILE} is unreadable ({exc}); load another iteration"
-        ) from exc
+    if verify:
+        verify_checkpoint(checkpoint)
+    metadata = read_dcp_metadata(checkpoint)
     prefix = f"{MODEL_KEY}."
     tensors = {
         fqn[len(prefix) :]: torch.empty(entry.size, dtype=entry.properties.dtype)
