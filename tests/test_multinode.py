@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from qwen3_pretrain.cli import main
+from qwen3_pretrain.train import cli as train_cli
 from qwen3_pretrain.train import trainer
 
 from distributed_helpers import free_port
@@ -174,10 +175,10 @@ def launched(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     commands: list[list[str]] = []
 
     class Child:
-        def __init__(self, command: list[str]) -> None:
+        def __init__(self, command: list[str], **_: object) -> None:
             commands.append(command)
 
-        def wait(self) -> int:
+        def wait(self, timeout: float | None = None) -> int:
             return 0
 
     monkeypatch.delenv("LOCAL_RANK", raising=False)
@@ -186,7 +187,8 @@ def launched(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
 
 
 def _torchrun_options(command: list[str]) -> list[str]:
-    return command[command.index("torch.distributed.run") + 1 : command.index("-m", 3)]
+    start = command.index("torch.distributed.run") + 1
+    return command[start : command.index("-m", start)]
 
 
 def test_launcher_flags_become_torchrun_options(one_process: tuple[str, dict[int, float]],
@@ -236,6 +238,7 @@ def test_launcher_flags_are_ignored_under_torchrun(
     """`torchrun ... -m qwen3_pretrain.cli train` with the launcher's flags trains in this rank."""
     configs = []
     monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(train_cli, "die_with_parent", lambda: None)  # a worker's setup, not for the test process
     monkeypatch.setattr(trainer, "run_training", configs.append)
     launch = ["--nnodes", "2", "--node_rank", "1", "--master-addr", "h", "--nproc-per-node", "8", "--max-restarts", "1"]
     assert main(["train", *launch, *tiny_flags(one_process[0])]) == 0

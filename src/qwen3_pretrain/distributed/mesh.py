@@ -84,20 +84,21 @@ class ParallelEnv:
 def init_parallel(tp: int, pp: int, timeout_minutes: float = 30.0) -> ParallelEnv:
     """Join (or create, under torchrun) the process group and build the ("pp", "dp", "tp") mesh."""
     device = local_device()
-    owns = False
+    owns, timeout = False, timedelta(minutes=timeout_minutes)
     if not dist.is_initialized():
         if int(os.environ.get("WORLD_SIZE", "1")) == 1:
             return ParallelEnv(0, 1, device, 1, 1, 1, None, None, owns_process_group=False)
         if device.type != "cpu":
             device_module().set_device(device)
-        dist.init_process_group(backend(), timeout=timedelta(minutes=timeout_minutes))
+        dist.init_process_group(backend(), timeout=timeout)
         owns = True
     world = dist.get_world_size()
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not divisible by TP {tp} x PP {pp}")
     dp = world // (tp * pp)
     mesh = init_device_mesh(device_type(), (pp, dp, tp), mesh_dim_names=MESH_DIMS)
-    control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+    # the host-side gloo group waits as long as the collectives (a gloo group's default is 30 minutes)
+    control = dist.new_group(backend="gloo", timeout=timeout) if dist.get_backend() != "gloo" else dist.group.WORLD
     return ParallelEnv(dist.get_rank(), world, device, pp, dp, tp, mesh, control, owns_process_group=owns)
 
 

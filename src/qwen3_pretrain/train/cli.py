@@ -11,6 +11,7 @@ launcher flags are accepted and ignored, so one script serves both ways of start
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 from qwen3_pretrain.config import ConfigError, build_parser, parse_train_args
 from qwen3_pretrain.config.flag_table import LAUNCHER_FLAG_NAMES
 from qwen3_pretrain.config.flags import help_epilog
+from qwen3_pretrain.train import run_lock
+from qwen3_pretrain.train.supervise import child_pids, die_with_parent
 
 RDZV_BACKENDS = ("static", "c10d")
 DEFAULT_MASTER_PORT = 29500  # torchrun's
@@ -106,19 +109,47 @@ def launch_plan(values: dict[str, str]) -> Launch:
 
 
 def _launch(launch: Launch, argv: list[str]) -> int:
-    """Run `torchrun OPTIONS -m qwen3_pretrain.cli train ARGV` and wait for it."""
+    """Run `torchrun OPTIONS -m qwen3_pretrain.cli train ARGV` and wait for it.
+
+    torchrun runs in its own session and dies with the launcher (as its workers die with it), so killing the
+    launcher, even with SIGKILL, leaves no process behind. SIGTERM and SIGINT go to the workers: they finish
+    the iteration, save and exit 0 (workers that torchrun starts later get the signal too); before any
+    worker runs, SIGINT stops torchrun.
+    """
     command = [
+        sys.executable, "-m", "qwen3_pretrain.train.supervise",  # torchrun dies with us and ignores SIGTERM
         sys.executable, "-m", "torch.distributed.run", *launch.torchrun_args(), "-m", "qwen3_pretrain.cli", "train",
         *argv,
     ]
-    child = subprocess.Popen(command)
+    # torch 2.13's c10d rendezvous shares one store across restarts, and restarted workers may then read the dead
+    # workers' addresses from it (pytorch#135712): a store of their own per attempt (hosted by rank 0) avoids that
+    env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **os.environ}
+    env["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"  # not SIGTERM: torchrun ignores it (supervise)
+    child = subprocess.Popen(command, env=env, start_new_session=True)
+    received: list[int] = []
+    signalled: set[int] = set()
+
+    def signal_workers(signum: int, again: bool) -> None:
+        workers = child_pids(child.pid)
+        if not workers and again:
+            workers, signum = [child.pid], signal.SIGINT
+        for pid in workers:
+            if again or pid not in signalled:
+                signalled.add(pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
 
     def forward(signum: int, _frame: object) -> None:
-        child.send_signal(signum)
+        received.append(signum)
+        signal_workers(signum, again=True)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return child.wait()
+        while True:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                return child.wait(timeout=1.0)
+            if received:
+                signal_workers(received[-1], again=False)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -131,6 +162,9 @@ def main(argv: list[str]) -> int:
         print(f"\n{help_epilog()}")
         return 0
     under_torchrun = "LOCAL_RANK" in os.environ
+    if under_torchrun:  # a worker: dies with torchrun, and stops on SIGTERM though the launcher's torchrun ignores it
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        die_with_parent()
     try:
         launch_values, argv = _take_launch_flags(argv)
         launch = launch_plan(launch_values) if launch_values and not under_torchrun else None
@@ -141,7 +175,9 @@ def main(argv: list[str]) -> int:
         from qwen3_pretrain.train.preflight import preflight  # torch: only past --help and the flag checks
 
         preflight(config, world_size=world, local_world_size=launch.nproc_per_node if launch is not None else None)
-    except ConfigError as exc:
+        if launch is not None and launch.node_rank == 0 and launch.rdzv_backend == "static":
+            run_lock.check_free(run_lock.run_directories(config))  # rank 0 runs here: refuse before torchrun starts
+    except (ConfigError, run_lock.RunDirectoryInUse) as exc:
         print(f"qwen3-pretrain train: error: {exc}", file=sys.stderr)
         return 2
     if launch is not None:
@@ -152,7 +188,7 @@ def main(argv: list[str]) -> int:
     try:
         run_training(config)
         code = 0
-    except TrainingError as exc:
+    except (TrainingError, run_lock.RunDirectoryInUse) as exc:
         print(f"qwen3-pretrain train: error: {exc}", file=sys.stderr)
         code = 1
     if under_torchrun and int(os.environ.get("WORLD_SIZE", "1")) > 1:
