@@ -118,6 +118,9 @@ class TrainingArgs:
     stop_after_nonfinite_iters: int = _opt(10, "stop when this many iterations in a row had non-finite loss/grads")
     exit_interval: int | None = _opt(None, "save and exit 0 when the iteration is a multiple of this")
     exit_duration_in_mins: float | None = _opt(None, "save and exit 0 once training has run this many minutes")
+    hang_timeout_minutes: float | None = _opt(
+        None, "when no iteration completes for this many minutes, print every thread's Python stack and exit 124"
+    )
 
 
 @dataclass
@@ -220,6 +223,9 @@ class CheckpointArgs:
     load: str | None = _opt(None, "native checkpoint to resume, HF directory or mcore checkpoint for initial weights")
     no_load_optim: bool = _opt(False, "load weights (and position) but not optimizer and LR scheduler state")
     no_load_rng: bool = _opt(False, "do not restore RNG states")
+    no_verify_checkpoint: bool = _opt(
+        False, "load a native checkpoint without checking its files against its manifest.json checksums"
+    )
     finetune: bool = _opt(False, "load weights only and start at iteration 0")
     keep_last_checkpoints: int | None = _opt(None, "delete older checkpoints of this run so that this many remain")
     exit_on_missing_checkpoint: bool = _opt(False, "fail when --load holds no checkpoint (instead of starting fresh)")
@@ -298,6 +304,11 @@ _MODEL_FIELDS: dict[str, str] = {
     "norm_epsilon": "rms_norm_eps",
     "init_method_std": "initializer_range",
 }
+# The Qwen3Config fields that set a stored tensor's shape or the tie: a `--load` checkpoint must agree on each.
+CHECKPOINT_SHAPE_FIELDS = (
+    "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "vocab_size", "tie_word_embeddings",
+)
 _QWEN3_FIELD_FLAGS: dict[str, str] = {
     **{hf: f"--{flag.replace('_', '-')}" for flag, hf in _MODEL_FIELDS.items()},
     "num_key_value_heads": "--num-query-groups",
@@ -456,9 +467,11 @@ class TrainConfig:
         base_model: Qwen3Config | None,
         tokenizer_vocab_size: int | None,
         load_format: str | None,
+        checkpoint_model: Qwen3Config | None = None,
     ) -> Resolved:
         """The run's derived values from the flags and what preflight read: the model shape of `--model` or
-        the `--load` checkpoint (`base_model`, None for flags only), the tokenizer's size and the format."""
+        the `--load` checkpoint (`base_model`, None for flags only), the tokenizer's size and the format;
+        a shape that differs from the `--load` checkpoint's (`checkpoint_model`) is refused."""
         shape = self.check(world_size)
         par = self.parallel
         tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
@@ -470,6 +483,8 @@ class TrainConfig:
             given = [flag_name(n) for n in ("recompute_method", "recompute_num_layers") if self.get(n) is not None]
             notes.append(f"{' '.join(given)} (no {RECOMPUTE_GRANULARITY_FLAG})")
         model_config = self.model_config(base_model, tokenizer_vocab_size)
+        if checkpoint_model is not None:
+            self._check_checkpoint_shape(model_config, checkpoint_model)
         self._check_model_fits(model_config, tokenizer_vocab_size)
         pipeline = None
         if pp > 1:
@@ -529,15 +544,20 @@ class TrainConfig:
             "micro_batch_size", "global_batch_size", "train_iters", "train_samples", "seq_length", "log_interval",
             "eval_interval", "save_interval", "tensor_model_parallel_size", "distributed_timeout_minutes",
             "keep_last_checkpoints", "exit_interval", "exit_duration_in_mins", "context_parallel_size",
-            "pipeline_model_parallel_size", "recompute_num_layers",
+            "pipeline_model_parallel_size", "recompute_num_layers", "hang_timeout_minutes",
             "make_vocab_size_divisible_by", "stop_after_nonfinite_iters", "loss_scale_window", "hysteresis",
             "lr_decay_iters", "lr_decay_samples", "lr_wsd_decay_iters", "lr_wsd_decay_samples",
             "loss_scale", "initial_loss_scale", "min_loss_scale", "tensorboard_log_interval",
+            "lr", "init_method_std", "rotary_base", "norm_epsilon",
         )
         non_negative = (
             "min_lr", "weight_decay", "clip_grad", "lr_warmup_iters", "lr_warmup_samples", "lr_warmup_init",
             "eval_iters", "num_workers", "adam_eps", "profile_step_start",
         )
+        for name, (_, base) in FIELDS.items():  # NaN passes every comparison below: refuse it (and inf) first
+            value = self.get(name)
+            if base is float and value is not None and not math.isfinite(value):
+                raise ConfigError(f"{flag_name(name)} must be a finite number, got {value}")
         for name in positive + non_negative:
             value = self.get(name)
             if value is None:
@@ -653,6 +673,35 @@ class TrainConfig:
             flags = [flag for hf, flag in _QWEN3_FIELD_FLAGS.items() if hf in str(exc)]
             hint = f" (set with {', '.join(flags)})" if flags else ""
             raise ConfigError(f"invalid model shape: {exc}{hint}") from exc
+
+    def _check_checkpoint_shape(self, cfg: Qwen3Config, saved: Qwen3Config) -> None:
+        """Refuse a model whose tensors (or tie) differ from the `--load` checkpoint's, as Megatron's load would
+        fail: each differing field with both values and what set the run's value."""
+        differ = [name for name in CHECKPOINT_SHAPE_FIELDS if getattr(cfg, name) != getattr(saved, name)]
+        if not differ:
+            return
+        fields = "; ".join(
+            f"{name} {getattr(saved, name)} in the checkpoint, {getattr(cfg, name)} from {self._shape_source(name)}"
+            for name in differ
+        )
+        raise ConfigError(
+            f"--load {self.checkpoint.load} holds a different model: {fields}. Drop or fix those flags (the "
+            "checkpoint's shape is used when no shape flag is given), or --load a checkpoint of this shape"
+        )
+
+    def _shape_source(self, hf_field: str) -> str:
+        """The flag(s) that set the run's value of Qwen3Config field `hf_field`."""
+        m = self.model
+        given = [flag_name(f) for f, hf in _MODEL_FIELDS.items() if hf == hf_field and getattr(m, f) is not None]
+        if hf_field == "num_key_value_heads" and m.num_query_groups is not None:
+            given.append("--num-query-groups")
+        elif hf_field == "num_key_value_heads" and m.num_attention_heads is not None and not m.group_query_attention:
+            given.append("--num-attention-heads without --group-query-attention")
+        if hf_field == "tie_word_embeddings" and m.untie_embeddings_and_output_weights is not None:
+            given.append("--untie-embeddings-and-output-weights")
+        if given:
+            return " and ".join(given)
+        return f"--model {m.model}" if m.model is not None else "the flags"
 
     def _check_model_fits(self, cfg: Qwen3Config, tokenizer_vocab: int | None) -> None:
         seq = self.data.seq_length

@@ -11,8 +11,12 @@ We write one sequence per document, as Megatron's and MindSpeed's preprocessors 
 from __future__ import annotations
 
 import array
+import contextlib
+import hashlib
+import json
 import os
 import struct
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -32,6 +36,8 @@ DTYPE_CODES: dict[int, type[np.number]] = {
     8: np.uint16,
 }
 UINT16_VOCAB_LIMIT = 65500  # Megatron stores tokens as uint16 below this vocabulary size
+TOKEN_RANGE_SUFFIX = ".maxid"  # `<prefix>.maxid`: the cached smallest and largest token id of `<prefix>.bin`
+TOKEN_SCAN_CHUNK = 1 << 24  # tokens per step when scanning a .bin for its token id range
 
 
 class IndexedDatasetError(ValueError):
@@ -81,6 +87,20 @@ def check_vocab_fits(vocab_size: int, dtype: type[np.number] | np.dtype) -> None
         )
 
 
+def _write_atomically(path: str, content: str) -> None:
+    """Write `content` to `path` through a temporary file renamed into place (removed when that fails)."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as f:
+            f.write(content)
+        os.replace(tmp, path)
+    except BaseException:
+        os.remove(tmp)
+        raise
+
+
 class IndexedDatasetWriter:
     """Write `<prefix>.bin/.idx`, one sequence per document, atomically.
 
@@ -99,8 +119,11 @@ class IndexedDatasetWriter:
         suffix = f".tmp-{os.getpid()}"
         self._tmp_bin = bin_path(self.prefix) + suffix
         self._tmp_idx = idx_path(self.prefix) + suffix
-        Path(self._tmp_bin).parent.mkdir(parents=True, exist_ok=True)
-        self._bin = open(self._tmp_bin, "wb")  # noqa: SIM115  (open for the writer's lifetime: closed in finalize/abort)
+        try:
+            Path(self._tmp_bin).parent.mkdir(parents=True, exist_ok=True)
+            self._bin = open(self._tmp_bin, "wb")  # noqa: SIM115  (open for the writer's lifetime: closed in finalize/abort)
+        except OSError as exc:
+            raise self._write_error(bin_path(self.prefix), exc) from exc
         self._lengths = array.array("i")
         self.num_tokens = 0
         self._done = False
@@ -111,7 +134,7 @@ class IndexedDatasetWriter:
         if ids.ndim != 1:
             raise IndexedDatasetError(f"a document must be a 1-D token sequence, got shape {ids.shape}")
         self._check_range(ids)
-        self._bin.write(ids.astype(self.dtype, copy=False).tobytes())
+        self._write(ids.astype(self.dtype, copy=False).tobytes())
         self._lengths.append(len(ids))
         self.num_tokens += len(ids)
 
@@ -120,9 +143,20 @@ class IndexedDatasetWriter:
         if int(np.sum(lengths)) != len(flat_tokens):
             raise IndexedDatasetError(f"lengths sum to {int(np.sum(lengths))} but {len(flat_tokens)} tokens given")
         self._check_range(flat_tokens)
-        self._bin.write(np.asarray(flat_tokens).astype(self.dtype, copy=False).tobytes())
+        self._write(np.asarray(flat_tokens).astype(self.dtype, copy=False).tobytes())
         self._lengths.extend(np.asarray(lengths, dtype=np.int32).tolist())
         self.num_tokens += len(flat_tokens)
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self._bin.write(data)
+        except OSError as exc:
+            raise self._write_error(bin_path(self.prefix), exc) from exc
+
+    @staticmethod
+    def _write_error(path: str, exc: OSError) -> IndexedDatasetError:
+        """A one-line error naming the file that could not be written (disk full, no permission, ...)."""
+        return IndexedDatasetError(f"cannot write {path}: {exc.strerror or exc}")
 
     def _check_range(self, ids: np.ndarray) -> None:
         if ids.size == 0:
@@ -140,30 +174,37 @@ class IndexedDatasetWriter:
 
     def finalize(self) -> None:
         """Write the index and move both files to their final names."""
-        self._bin.flush()
-        os.fsync(self._bin.fileno())
-        self._bin.close()
+        try:
+            self._bin.flush()
+            os.fsync(self._bin.fileno())
+            self._bin.close()
+        except OSError as exc:
+            raise self._write_error(bin_path(self.prefix), exc) from exc
         lengths = np.frombuffer(self._lengths, dtype=np.int32)
         offsets = np.zeros(len(lengths), dtype=np.int64)
         np.cumsum(lengths[:-1], dtype=np.int64, out=offsets[1:])
         offsets *= self.dtype.itemsize
         document_indices = np.arange(len(lengths) + 1, dtype=np.int64)
-        with open(self._tmp_idx, "wb") as f:
-            f.write(HEADER.pack(MAGIC, VERSION, self._code, len(lengths), len(document_indices)))
-            f.write(lengths.tobytes())
-            f.write(offsets.tobytes())
-            f.write(document_indices.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(self._tmp_bin, bin_path(self.prefix))
-        os.replace(self._tmp_idx, idx_path(self.prefix))
+        try:
+            with open(self._tmp_idx, "wb") as f:
+                f.write(HEADER.pack(MAGIC, VERSION, self._code, len(lengths), len(document_indices)))
+                f.write(lengths.tobytes())
+                f.write(offsets.tobytes())
+                f.write(document_indices.tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(self._tmp_bin, bin_path(self.prefix))
+            os.replace(self._tmp_idx, idx_path(self.prefix))
+        except OSError as exc:
+            raise self._write_error(idx_path(self.prefix), exc) from exc
         self._done = True
 
     def abort(self) -> None:
         """Close and delete the temp files (no-op after `finalize()`)."""
         if self._done:
             return
-        self._bin.close()
+        with contextlib.suppress(OSError):  # flushing the rest fails on a full disk: the file goes anyway
+            self._bin.close()
         for path in (self._tmp_bin, self._tmp_idx):
             if os.path.exists(path):
                 os.remove(path)
@@ -286,6 +327,38 @@ class IndexedDataset:
     @property
     def num_tokens(self) -> int:
         return int(self._lengths.sum(dtype=np.int64))
+
+    def token_id_range(self, cache_dir: str | None = None) -> tuple[int, int]:
+        """(smallest, largest) token id in the .bin, (0, -1) when it holds none.
+
+        Scanned once per version of the .bin (its size and mtime), in chunks over the memory map after a
+        full `validate()`, and cached in `<prefix>.maxid`, or in `cache_dir` when the dataset's directory is
+        not writable (without either the scan repeats on every call).
+        """
+        stat = os.stat(self.bin_file)
+        key = {"bin_bytes": stat.st_size, "bin_mtime_ns": stat.st_mtime_ns}
+        name = hashlib.md5(os.path.abspath(self.prefix).encode()).hexdigest() + TOKEN_RANGE_SUFFIX
+        places = [self.prefix + TOKEN_RANGE_SUFFIX, *([os.path.join(cache_dir, name)] if cache_dir else [])]
+        for place in places:
+            try:
+                with open(place, encoding="utf-8") as f:
+                    cached = json.load(f)
+                if {k: cached.get(k) for k in key} == key:
+                    return int(cached["min"]), int(cached["max"])
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                continue  # absent, unreadable or damaged: scan again
+        self.validate()
+        tokens = np.frombuffer(self._bin, self.dtype, self.num_tokens) if self._bin is not None else np.empty(0)
+        chunks = [tokens[i : i + TOKEN_SCAN_CHUNK] for i in range(0, len(tokens), TOKEN_SCAN_CHUNK)]
+        low, high = (min(int(c.min()) for c in chunks), max(int(c.max()) for c in chunks)) if chunks else (0, -1)
+        content = json.dumps({**key, "min": low, "max": high})
+        for place in places:
+            try:
+                _write_atomically(place, content)
+                break
+            except OSError:
+                continue  # a read-only dataset directory: try the cache directory
+        return low, high
 
     def validate(self) -> None:
         """Full consistency check of the index (O(N)): offsets follow lengths, document indices ascend."""

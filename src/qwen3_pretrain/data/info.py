@@ -1,4 +1,7 @@
-"""`qwen3-pretrain data info PREFIX...`: what a tokenized dataset holds, and whether it is intact."""
+"""`qwen3-pretrain data info PREFIX...`: what a tokenized dataset holds, and whether it is intact.
+
+The token id range is cached in `<prefix>.maxid` (see `IndexedDataset.token_id_range`), which `train` reads too.
+"""
 
 from __future__ import annotations
 
@@ -59,6 +62,9 @@ def describe(prefix: str) -> tuple[list[str], str | None]:
         dataset.check_bin_size()
         dataset.validate()
         lines.append(f"  .bin size:  {os.path.getsize(dataset.bin_file)} bytes, matches the index")
+        low, high = dataset.token_id_range()
+        if high >= 0:
+            lines.append(f"  token ids:  min {low}, max {high} (a model needs a vocabulary of more than {high})")
     except IndexedDatasetError as exc:
         problem = str(exc)
         lines.append(f"  PROBLEM:    {problem}")

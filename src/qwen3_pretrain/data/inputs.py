@@ -46,6 +46,7 @@ class ReadStats:
     """Counters the readers update while streaming."""
 
     bad_lines: int = 0
+    missing_fields: int = 0  # records without a required column, skipped (--skip-bad-lines)
 
 
 def expand_inputs(spec: str) -> list[str]:
@@ -173,19 +174,23 @@ def _batches(
                 f"{path}: a .txt file has one column, {TEXT_FILE_COLUMN!r} (one document per line); "
                 f"missing {extra}: use --json-keys text or a structured format"
             )
-        lines = ({TEXT_FILE_COLUMN: line} for _, line in _text_lines(path, stats, skip_bad_lines))
-        yield from _record_batches(path, lines, required, optional, batch_size)
+        lines = ((f"{path}:{n}", {TEXT_FILE_COLUMN: line}) for n, line in _text_lines(path, stats, skip_bad_lines))
+        yield from _record_batches(path, lines, required, optional, batch_size, stats, skip_bad_lines)
     elif _is_json_array(path):
-        yield from _record_batches(path, _json_array_records(path), required, optional, batch_size)
+        records = _json_array_records(path)
+        yield from _record_batches(path, records, required, optional, batch_size, stats, skip_bad_lines)
     else:
         records = _json_line_records(path, stats, skip_bad_lines)
-        yield from _record_batches(path, records, required, optional, batch_size)
+        yield from _record_batches(path, records, required, optional, batch_size, stats, skip_bad_lines)
 
 
-def _missing_column_error(path: str, missing: list[str], present: list[str]) -> DataInputError:
+def _missing_column_error(where: str, missing: list[str], present: list[str], record: bool = False) -> DataInputError:
+    """The columns asked for are not in the file (its schema, or one `record` of it, at `where`)."""
+    skip = "; --skip-bad-lines skips (and counts) such records" if record else ""
     return DataInputError(
-        f"{path}: column(s) {', '.join(map(repr, missing))} not found; the file has columns "
-        f"{', '.join(map(repr, present))}. Pass --json-keys with the text column(s) or pick another --handler-name"
+        f"{where}: column(s) {', '.join(map(repr, missing))} not found; the file has columns "
+        f"{', '.join(map(repr, present))}{' in this record' if record else ''}. Pass --json-keys with the text "
+        f"column(s) or pick another --handler-name{skip}"
     )
 
 
@@ -260,21 +265,33 @@ def _csv_batches(path: str, required: list[str], optional: list[str], batch_size
         missing = [c for c in required if c not in names]
         if missing:
             raise _missing_column_error(path, missing, names)
-        yield from _record_batches(path, reader, required, optional, batch_size)
+        rows = ((f"{path}:{reader.line_num}", row) for row in reader)  # short rows hold None: never missing
+        yield from _record_batches(path, rows, required, optional, batch_size, ReadStats(), skip_bad_lines=False)
 
 
 def _record_batches(
-    path: str, records: Iterator[dict], required: list[str], optional: list[str], batch_size: int
+    path: str,
+    records: Iterator[tuple[str, dict]],
+    required: list[str],
+    optional: list[str],
+    batch_size: int,
+    stats: ReadStats,
+    skip_bad_lines: bool,
 ) -> Iterator[Batch]:
-    """Group row records into column batches; the first record must hold every required column."""
+    """Group (where, record) pairs into column batches. A record without a required column is an error naming
+    where it is, or with `skip_bad_lines` skipped and counted; a file none of whose records has them is an error."""
     columns = required + optional
     batch: Batch = {c: [] for c in columns}
     rows = 0
-    for record in records:
-        if rows == 0:
-            missing = [c for c in required if c not in record]
-            if missing:
-                raise _missing_column_error(path, missing, list(record))
+    first_missing: tuple[list[str], list[str]] | None = None
+    for where, record in records:
+        missing = [c for c in required if c not in record]
+        if missing:
+            if not skip_bad_lines:
+                raise _missing_column_error(where, missing, list(record), record=True)
+            stats.missing_fields += 1
+            first_missing = first_missing or (missing, list(record))
+            continue
         for column in columns:
             batch[column].append(record.get(column))
         rows += 1
@@ -283,6 +300,8 @@ def _record_batches(
             batch = {c: [] for c in columns}
     if rows % batch_size:
         yield batch
+    if rows == 0 and first_missing is not None:
+        raise _missing_column_error(path, *first_missing)
 
 
 def _text_lines(path: str, stats: ReadStats, skip_bad_lines: bool) -> Iterator[tuple[int, str]]:
@@ -303,7 +322,7 @@ def _bad_line(path: str, number: int, why: str, stats: ReadStats, skip_bad_lines
     stats.bad_lines += 1
 
 
-def _json_line_records(path: str, stats: ReadStats, skip_bad_lines: bool) -> Iterator[dict]:
+def _json_line_records(path: str, stats: ReadStats, skip_bad_lines: bool) -> Iterator[tuple[str, dict]]:
     for number, line in _text_lines(path, stats, skip_bad_lines):
         if not line.strip():
             continue
@@ -315,7 +334,7 @@ def _json_line_records(path: str, stats: ReadStats, skip_bad_lines: bool) -> Ite
         if not isinstance(record, dict):
             _bad_line(path, number, f"expected a JSON object, got {type(record).__name__}", stats, skip_bad_lines)
             continue
-        yield record
+        yield f"{path}:{number}", record
 
 
 def _is_json_array(path: str) -> bool:
@@ -369,7 +388,7 @@ class _JsonArrayScanner:
                 self._more()
 
 
-def _json_array_records(path: str) -> Iterator[dict]:
+def _json_array_records(path: str) -> Iterator[tuple[str, dict]]:
     with io.TextIOWrapper(_open_binary(path), encoding="utf-8-sig") as f:
         scanner = _JsonArrayScanner(path, f)
         try:
@@ -384,7 +403,7 @@ def _json_array_records(path: str) -> Iterator[dict]:
                     raise DataInputError(
                         f"{path}: element {index} of the JSON array is a {type(record).__name__}, expected an object"
                     )
-                yield record
+                yield f"{path}: element {index} of the JSON array", record
                 index += 1
                 if scanner.expect(",]", f"after element {index - 1} of the JSON array") == "]":
                     return

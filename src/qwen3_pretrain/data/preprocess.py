@@ -220,7 +220,10 @@ def preprocess(args: argparse.Namespace) -> Counters:
     counters = Counters()
     progress = Progress(args.log_interval, counters)
     with ExitStack() as stack:
-        writers = [stack.enter_context(IndexedDatasetWriter(prefix, dtype)) for prefix in prefixes]
+        try:
+            writers = [stack.enter_context(IndexedDatasetWriter(prefix, dtype)) for prefix in prefixes]
+        except IndexedDatasetError as exc:
+            raise IndexedDatasetError(f"--output-prefix {args.output_prefix}: {exc}") from exc
         tasks = _tasks(files, handler, args, counters)
         results = ordered_map(_tokenize_task, tasks, args.workers, encoder)
         for key_index, tokens, lengths, text_bytes in results:
@@ -238,7 +241,9 @@ def preprocess(args: argparse.Namespace) -> Counters:
             writer.finalize()
     c = counters
     dropped = f", dropped {c.dropped} of {args.seq_length}+ tokens (--seq-length)" if args.seq_length else ""
-    bad = f", skipped {c.read.bad_lines} bad lines" if args.skip_bad_lines else ""
+    bad = ""
+    if args.skip_bad_lines:
+        bad = f", skipped {c.read.bad_lines} bad lines and {c.read.missing_fields} records missing a column"
     print(
         f"done: {c.documents} documents, {c.tokens} tokens written; skipped {c.empty} empty{dropped}{bad}; "
         f"{c.text_bytes / 1e6:.2f} MB of text in {time.perf_counter() - progress.start:.1f} s ({progress.rates()})",
@@ -270,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument(
         "--skip-bad-lines", action="store_true",
-        help="skip (and count) JSONL/text lines that are not valid UTF-8 or JSON, instead of failing",
+        help="skip (and count) JSONL/text lines that are not valid UTF-8 or JSON, and records without a "
+        "--json-keys column, instead of failing",
     )
     data.add_argument("--batch-size", type=int, default=1000, help="documents per tokenization task")
     tok = parser.add_argument_group("tokenizer")

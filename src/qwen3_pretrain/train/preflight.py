@@ -13,15 +13,16 @@ from pathlib import Path
 import torch
 
 from qwen3_pretrain.checkpoint.loader import detect_format, open_checkpoint
-from qwen3_pretrain.checkpoint.native import CheckpointError
+from qwen3_pretrain.checkpoint.native import LATEST_FILE, CheckpointError, is_native_checkpoint_dir
 from qwen3_pretrain.config import ConfigError, Qwen3Config, Resolved, TrainConfig, get_preset, parse_train_args
 from qwen3_pretrain.data.gpt_dataset import DataConfigError, parse_data_path, parse_split
-from qwen3_pretrain.data.indexed import bin_path, idx_path, strip_suffix
+from qwen3_pretrain.data.indexed import IndexedDataset, IndexedDatasetError, bin_path, idx_path, strip_suffix
 from qwen3_pretrain.distributed import device
 from qwen3_pretrain.distributed.planner import GIB, Layout, MemoryEstimate, estimate_memory, parse_size
 from qwen3_pretrain.model import kernels
 from qwen3_pretrain.model.qwen3 import DEFAULT_LOSS_CHUNK_TOKENS
 from qwen3_pretrain.tokenizer import TokenizerError, load_tokenizer
+from qwen3_pretrain.train.run_lock import LOCK_FILE
 
 
 def prepare(argv: list[str], world_size: int | None = None) -> TrainConfig:
@@ -39,10 +40,12 @@ def preflight(config: TrainConfig, world_size: int | None = None, local_world_si
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     config.check(world_size)  # the flag errors first, before anything is read
     _check_wandb(config)
-    _check_data_files(config)
+    datasets = _check_data_files(config)
     load_format = _load_format(config)
-    resolved = config.resolve(world_size, _base_model_config(config, load_format), _tokenizer_vocab_size(config),
-                              load_format)
+    checkpoint_model = _checkpoint_model_config(config, load_format)
+    resolved = config.resolve(world_size, _base_model_config(config, checkpoint_model),
+                              _tokenizer_vocab_size(config), load_format, checkpoint_model)
+    _check_token_ids(config, datasets, resolved.model_config.vocab_size)
     backend = config.parallel.attention_backend
     if backend != "auto" and device.device_type() == "npu":
         resolved.notes.append(f"--attention-backend {backend} (Ascend NPUs use npu_fusion_attention)")
@@ -60,11 +63,13 @@ def _check_wandb(config: TrainConfig) -> None:
         )
 
 
-def _check_data_files(config: TrainConfig) -> None:
-    """Every dataset prefix of --data-path / --train-data-path / ... has its .bin and .idx."""
+def _check_data_files(config: TrainConfig) -> list[tuple[str, IndexedDataset]]:
+    """Every dataset prefix of --data-path / --train-data-path / ... has an intact .bin/.idx pair with tokens;
+    returns each dataset with its flag."""
     data = config.data
     sources = {"--data-path": data.data_path, "--train-data-path": data.train_data_path,
                "--valid-data-path": data.valid_data_path, "--test-data-path": data.test_data_path}
+    datasets: list[tuple[str, IndexedDataset]] = []
     try:
         parse_split(data.split)
         for flag, paths in sources.items():
@@ -76,22 +81,52 @@ def _check_data_files(config: TrainConfig) -> None:
                         f"{flag} {prefix}: {', '.join(missing)} not found; pass the prefix that "
                         "`qwen3-pretrain preprocess` wrote (e.g. data/corpus_text_document)"
                     )
+                try:
+                    dataset = IndexedDataset(prefix)
+                except IndexedDatasetError as exc:
+                    raise ConfigError(f"{flag} {prefix}: {exc}") from exc
+                if dataset.num_tokens == 0:
+                    raise ConfigError(
+                        f"{flag} {prefix}: the dataset is empty ({len(dataset)} documents, 0 tokens); preprocess "
+                        f"input that holds text, or drop it from {flag}"
+                    )
+                datasets.append((flag, dataset))
     except DataConfigError as exc:
         raise ConfigError(str(exc)) from exc
+    return datasets
+
+
+def _check_token_ids(config: TrainConfig, datasets: list[tuple[str, IndexedDataset]], vocab_size: int) -> None:
+    """Every token id of the datasets is a row of the model's embedding (others crash the run when first read);
+    the id range of each .bin is scanned once and cached (`IndexedDataset.token_id_range`)."""
+    for flag, dataset in datasets:
+        try:
+            low, high = dataset.token_id_range(config.data.data_cache_path)
+        except IndexedDatasetError as exc:
+            raise ConfigError(f"{flag} {dataset.prefix}: {exc}") from exc
+        if low < 0 or high >= vocab_size:
+            raise ConfigError(
+                f"{flag} {dataset.prefix}: {dataset.bin_file} holds token id {high if high >= vocab_size else low} "
+                f"but the model's vocabulary is {vocab_size} (ids 0..{vocab_size - 1}); tokenize with the model's "
+                "tokenizer, or give the model a larger vocabulary (--padded-vocab-size)"
+            )
 
 
 def _load_format(config: TrainConfig) -> str | None:
-    """The format of `--load` (None without one, or for Megatron's `--load DIR --save DIR` before the first save)."""
+    """The format of `--load`; None without one, or for Megatron's `--load DIR --save DIR` while DIR holds no
+    complete checkpoint (no `latest_checkpointed_iteration.txt`, which a save writes last): a fresh start."""
     ck = config.checkpoint
     if ck.load is None:
         return None
     load = Path(ck.load)
     fmt = detect_format(load)
-    fresh = not load.exists() or (load.is_dir() and not any(load.iterdir()))
-    if fmt is None and ck.save and fresh and load.resolve() == Path(ck.save).resolve():
+    uncommitted = fmt == "native" and not (load / LATEST_FILE).is_file() and not is_native_checkpoint_dir(load)
+    if (fmt is None or uncommitted) and ck.save and load.resolve() == Path(ck.save).resolve():
         if ck.exit_on_missing_checkpoint:
-            raise ConfigError(f"--load {load} holds no checkpoint yet and --exit-on-missing-checkpoint is set")
-        return None  # a new run that will save where it loads from: start from scratch
+            raise ConfigError(
+                f"--load {load} holds no checkpoint yet and --exit-on-missing-checkpoint is set ({_contents(load)})"
+            )
+        return None  # a run that saves where it loads from and has not completed a save: start from scratch
     try:
         fmt = open_checkpoint(load, fmt).format
     except CheckpointError as exc:
@@ -104,19 +139,46 @@ def _load_format(config: TrainConfig) -> str | None:
     return fmt
 
 
-def _base_model_config(config: TrainConfig, load_format: str | None) -> Qwen3Config | None:
-    """The shape to start from: the `--model` preset or HF directory, the `--load` checkpoint's, or None."""
-    preset, load = config.model.model, config.checkpoint.load
+def fresh_start_message(load: Path) -> str:
+    """What rank 0 prints when `--load` = `--save` holds no complete checkpoint yet."""
+    return f"--load {load} holds no checkpoint yet ({_contents(load)}): starting from scratch; this run saves there"
+
+
+def _contents(directory: Path) -> str:
+    """What a --load directory without a checkpoint holds, in a few words (this run's lock file left out)."""
+    if not directory.is_dir():
+        return "it does not exist"
+    names = sorted(p.name for p in directory.iterdir() if p.name != LOCK_FILE)
+    if not names:
+        return "it is empty"
+    return "it holds only " + ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def _checkpoint_model_config(config: TrainConfig, load_format: str | None) -> Qwen3Config | None:
+    """The model shape the `--load` checkpoint records; None without one, or when `--model` gives the shape and
+    the checkpoint records none (an mcore file without `args`: its tensors are checked as they load)."""
+    load = config.checkpoint.load
+    if load is None or load_format is None:
+        return None
     try:
-        if preset is not None:
-            if (Path(preset) / "config.json").is_file():
-                return Qwen3Config.from_pretrained(preset)
-            return get_preset(preset)
-        if load is not None and load_format is not None:
-            return open_checkpoint(load, load_format).model_config()
-    except (ValueError, OSError) as exc:  # ConfigError and checkpoint errors are ValueErrors
+        return open_checkpoint(load, load_format).model_config()
+    except (ValueError, OSError) as exc:  # checkpoint errors are ValueErrors
+        if config.model.model is not None:
+            return None
+        raise ConfigError(f"cannot read the model shape of --load {load}: {exc}") from exc
+
+
+def _base_model_config(config: TrainConfig, checkpoint_model: Qwen3Config | None) -> Qwen3Config | None:
+    """The shape to start from: the `--model` preset or HF directory, the `--load` checkpoint's, or None."""
+    preset = config.model.model
+    if preset is None:
+        return checkpoint_model
+    try:
+        if (Path(preset) / "config.json").is_file():
+            return Qwen3Config.from_pretrained(preset)
+        return get_preset(preset)
+    except (ValueError, OSError) as exc:  # ConfigError is a ValueError
         raise ConfigError(f"cannot read the model shape: {exc}") from exc
-    return None
 
 
 def _tokenizer_vocab_size(config: TrainConfig) -> int | None:

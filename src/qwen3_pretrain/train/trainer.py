@@ -6,9 +6,10 @@ per-token cross entropy over the whole global batch divided by its number of los
 (Megatron's per-token loss), so any DP size / accumulation split gives the same gradients.
 Per-iteration values stay on the device until the next log line (or checkpoint), where they are
 read in one go: a step needs no host synchronisation. A non-finite gradient norm skips the update
-(on the device), is counted in "number of skipped iterations" (and "nan iterations" when the loss
-itself is not finite), and too many in a row stop the run with an error (checked when the values are
-read). As in Megatron a skipped update does not advance the LR schedule: the schedule advances on the
+(on the device) and is counted in "number of skipped iterations"; every iteration whose loss is not
+finite counts in "nan iterations"; too many non-finite iterations in a row stop the run with an error
+(checked when the values are read), and no checkpoint is written while the last one was non-finite.
+As in Megatron a skipped update does not advance the LR schedule: the schedule advances on the
 host after every step and is moved back for the skipped ones when their flags are read, so with
 `--log-interval 1` the LRs are exactly Megatron's; with longer intervals the steps between a skipped
 one and the next log line run one schedule step ahead.
@@ -18,8 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import math
+import os
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -34,6 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.tensor import DTensor
 
 from qwen3_pretrain.checkpoint.loader import open_checkpoint
@@ -62,6 +67,7 @@ from qwen3_pretrain.distributed.pipeline import (
 from qwen3_pretrain.distributed.tensor_parallel import vocab_parallel_loss
 from qwen3_pretrain.model.kernels import KernelOptions
 from qwen3_pretrain.model.qwen3 import IGNORE_INDEX, Qwen3ForCausalLM, init_module_weights
+from qwen3_pretrain.train import run_lock
 from qwen3_pretrain.train.metrics import (
     IterationLog,
     MetricsWriter,
@@ -78,8 +84,11 @@ from qwen3_pretrain.train.optim import (
     scale_grads_,
     step_unless_nonfinite,
 )
-from qwen3_pretrain.train.preflight import compute_dtype, memory_estimate, preflight
+from qwen3_pretrain.train.preflight import compute_dtype, fresh_start_message, memory_estimate, preflight
 from qwen3_pretrain.train.profiling import StepProfiler
+from qwen3_pretrain.train.watchdog import HangWatchdog
+
+LOW_SPACE_BYTES = 1 << 20  # a save that failed with less free space than this ran out of disk
 
 
 class TrainingError(RuntimeError):
@@ -140,6 +149,15 @@ class _Interval:
     loss_sum: float = 0.0
     skipped: int = 0
     nan: int = 0
+    skipped_loss_sum: float = 0.0  # finite losses of skipped iterations: the log's loss when none was applied
+    skipped_finite: int = 0
+
+    @property
+    def lm_loss(self) -> float:
+        """Mean loss of the applied iterations (else of the skipped finite ones); NaN only beside nan iterations."""
+        if self.applied:
+            return self.loss_sum / self.applied
+        return self.skipped_loss_sum / self.skipped_finite if self.skipped_finite else float("nan")
 
 
 class StopSignal:
@@ -321,9 +339,11 @@ class Trainer:
         RNG and trainer state); returns the iteration the loaded checkpoint holds (-1: none)."""
         ck, fmt = self.config.checkpoint, self.resolved.load_format
         if ck.load is None or fmt is None:
+            if ck.load is not None and self.env.rank == 0:  # --load = --save before its first complete save
+                print(fresh_start_message(Path(ck.load)), flush=True)
             _init_weights(named, self.resolved.model_config, self.env, self.config.training.seed, held_elsewhere)
             return -1
-        source = open_checkpoint(ck.load, fmt)
+        source = open_checkpoint(ck.load, fmt, verify=not ck.no_verify_checkpoint)
         with_optimizer = source.resumes and not (ck.no_load_optim or ck.finetune)
         state = source.load_into(
             named, self.optimizer if with_optimizer else None, self.scheduler if with_optimizer else None,
@@ -485,7 +505,7 @@ class Trainer:
         for p, loss_sum, norm, inf, at_min in zip(self.pending, sums.tolist(), norms, found, minimum, strict=True):
             loss = loss_sum / max(p.tokens, 1)
             skipped = inf > 0
-            nan = skipped and not math.isfinite(loss)
+            nan = not math.isfinite(loss)  # a nan iteration whether or not its gradients were finite
             self.result.iterations.append(p.iteration)
             self.result.losses.append(loss)
             self.result.learning_rates.append(p.lr)
@@ -496,13 +516,16 @@ class Trainer:
             self.interval.iterations += 1
             skipped_now += int(skipped)
             nan_now += int(nan)
-            if skipped:
-                if nan or at_min:
-                    self.state.nonfinite_streak += 1
-            else:
+            if nan or (skipped and at_min):
+                self.state.nonfinite_streak += 1
+            elif not skipped:
+                self.state.nonfinite_streak = 0
+            if skipped and not nan:
+                self.interval.skipped_loss_sum += loss
+                self.interval.skipped_finite += 1
+            elif not skipped and not nan:
                 self.interval.loss_sum += loss
                 self.interval.applied += 1
-                self.state.nonfinite_streak = 0
         self.interval.skipped += skipped_now
         self.interval.nan += nan_now
         self.state.skipped_iterations += skipped_now
@@ -530,7 +553,7 @@ class Trainer:
             consumed_samples=self.state.consumed_samples,
             elapsed_ms_per_iteration=seconds * 1000.0 / n, lr=self.optimizer.param_groups[0]["lr"],
             global_batch_size=self.resolved.global_batch_size,
-            lm_loss=iv.loss_sum / iv.applied if iv.applied else float("nan"),
+            lm_loss=iv.lm_loss,
             loss_scale=float(self.scaler.scale) if self.scaler is not None else 1.0,
             grad_norm=self.last_grad_norm, skipped_iterations=iv.skipped, nan_iterations=iv.nan,
             tokens_per_sec_per_device=tokens, tflops_per_device=tflops, mfu=mfu,
@@ -583,19 +606,47 @@ class Trainer:
 
     # ---- checkpoints ---------------------------------------------------------------------------
 
-    def save(self) -> None:
-        """Save a native checkpoint of the current iteration (reads pending values first)."""
+    def save(self) -> bool:
+        """Save a native checkpoint of the current iteration (reads pending values first); returns False, with a
+        printed note, without saving while the last iteration was non-finite. A full disk is a TrainingError."""
         self._flush()
         ck = self.config.checkpoint
         if ck.save is None:
             raise RuntimeError("save() needs --save")
-        path = save_checkpoint(
-            ck.save, self.state.iteration, as_one_module(self.model_parts), self.optimizer, self.scheduler,
-            train_state=self.state_dict(), config=self.config.checkpoint_dict(), keep_last=ck.keep_last_checkpoints,
-            also_write=self._write_mcore_weights if ck.ckpt_format == "torch" else None,
-        )
+        if self.state.nonfinite_streak:
+            if self.env.is_last_rank:
+                print(
+                    f"not saving a checkpoint at iteration {self.state.iteration}: its loss or gradients were not "
+                    f"finite; a later good iteration saves instead (last saved: {self._last_saved_text()})",
+                    flush=True,
+                )
+            return False
+        save_dir, before = Path(ck.save), _entries(Path(ck.save))
+        try:
+            path = save_checkpoint(
+                save_dir, self.state.iteration, as_one_module(self.model_parts), self.optimizer, self.scheduler,
+                train_state=self.state_dict(), config=self.config.checkpoint_dict(),
+                keep_last=ck.keep_last_checkpoints,
+                also_write=self._write_mcore_weights if ck.ckpt_format == "torch" else None,
+            )
+        except (Exception, CheckpointException) as exc:
+            if not _out_of_space(exc, save_dir):
+                raise
+            if self.env.rank == 0:  # the partial save: hidden entries (its staging directory) it created
+                for entry in _entries(save_dir) - before:
+                    if entry.name.startswith("."):
+                        shutil.rmtree(entry, ignore_errors=True)
+            raise TrainingError(
+                f"no space left on device while saving the checkpoint of iteration {self.state.iteration} to "
+                f"{save_dir} (its partial files were removed); free space there or point --save elsewhere, then "
+                f"resume with --load (last saved: {self._last_saved_text()})"
+            ) from exc
         self.result.checkpoints.append(path)
         self.last_saved = self.state.iteration
+        return True
+
+    def _last_saved_text(self) -> str:
+        return f"iteration {self.last_saved}" if self.last_saved >= 0 else "none"
 
     def _write_mcore_weights(self, iteration_dir: Path) -> None:
         """`--ckpt-format torch`: the weights, in the compute dtype, as Megatron mcore rank files of this run's
@@ -603,7 +654,8 @@ class Trainer:
         r, par = self.resolved, self.config.parallel
         stage_layers = r.pipeline.stage_layers if r.pipeline is not None else [r.model_config.num_hidden_layers]
         layout = McoreLayout.build(r.model_config, par.tensor_model_parallel_size, len(stage_layers), stage_layers)
-        tensors = ((name, t.to(self.compute_dtype)) for name, t in load_model_tensors(iteration_dir).items())
+        saved = load_model_tensors(iteration_dir, verify=False)  # just written; its manifest comes after this
+        tensors = ((name, t.to(self.compute_dtype)) for name, t in saved.items())
         add_mcore_rank_files(iteration_dir, tensors, r.model_config, layout, self.state.iteration,
                              pp_ranks=par.pipeline_model_parallel_size)
 
@@ -616,11 +668,15 @@ class Trainer:
             print("\n".join(startup_summary(config, env, self.compute_dtype)), flush=True)
         ck, log = config.checkpoint, config.logging
         stop, profiler = StopSignal(), StepProfiler(config, env)
+        watchdog = HangWatchdog(config.training.hang_timeout_minutes, env.rank)
+        watchdog.start()
         try:
             batches = self._micro_batches(self.train_data, self.state.consumed_samples, cyclic=False)
             run_start = interval_start = time.perf_counter()
             start_iteration = self.state.iteration
+            save_due = False  # a --save-interval save postponed past non-finite iterations
             while self.state.iteration < r.train_iters:
+                watchdog.beat()
                 profiler.before_step(self.state.iteration)
                 step_batches = [next(batches) for _ in range(r.num_microbatches)]
                 self.pending.append(self.train_step(step_batches))
@@ -632,7 +688,11 @@ class Trainer:
                 interval_start += profiler.after_step(self.state.iteration)
                 interval_start += self._periodic_eval()
                 if ck.save and ck.save_interval and self.state.iteration % ck.save_interval == 0:
-                    interval_start += self._timed(self.save)
+                    save_due = True
+                if save_due:
+                    save_start = time.perf_counter()
+                    save_due = not self.save()
+                    interval_start += time.perf_counter() - save_start
                 if env.host_any(stop.received is not None):
                     self.result.stopped_by_signal = True
                     break
@@ -640,13 +700,15 @@ class Trainer:
                 if self.result.exit_flag is not None:
                     break
             self._flush()
+            watchdog.beat()
             seconds = time.perf_counter() - run_start
-            if ck.save and self.last_saved != self.state.iteration:
+            if ck.save and self.last_saved != self.state.iteration and not save_due:  # due: refused just now
                 self.save()
             if not self.result.stopped_by_signal and self.result.exit_flag is None:
                 self._final_evaluations()
             self._finish(self.state.iteration - start_iteration, seconds)
         finally:
+            watchdog.stop()
             profiler.close(self.state.iteration)
             stop.restore()
             self.metrics.close()
@@ -661,11 +723,6 @@ class Trainer:
         if duration is not None and self.env.host_any(seconds / 60.0 > duration):
             return f"--exit-duration-in-mins {duration:g}"
         return None
-
-    def _timed(self, action: Any) -> float:
-        start = time.perf_counter()
-        action()
-        return time.perf_counter() - start
 
     def _final_evaluations(self) -> None:
         """Megatron evaluates the validation and test splits once more after training."""
@@ -698,6 +755,31 @@ class Trainer:
             )
 
 
+def _entries(directory: Path) -> set[Path]:
+    """What `directory` holds (nothing when it does not exist)."""
+    return set(directory.iterdir()) if directory.is_dir() else set()
+
+
+def _out_of_space(exc: BaseException, directory: Path) -> bool:
+    """Whether a failed save ran out of disk: ENOSPC in the error, its causes, a rank's failure or report of it, or
+    (torch's zip writer drops the errno) under LOW_SPACE_BYTES left in `directory`."""
+    pending, seen = [exc], set()
+    while pending:
+        error = pending.pop()
+        if id(error) in seen:
+            continue
+        seen.add(id(error))
+        if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or os.strerror(errno.ENOSPC) in str(error):
+            return True
+        pending += [e for e in (error.__cause__, error.__context__) if e is not None]
+        if isinstance(error, CheckpointException):
+            pending += [failure for failure, _ in error.failures.values()]
+    try:
+        return shutil.disk_usage(directory).free < LOW_SPACE_BYTES
+    except OSError:
+        return False
+
+
 def _plain(tensor: torch.Tensor) -> torch.Tensor:
     """A replicated DTensor (loss under loss_parallel) as a plain tensor."""
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
@@ -706,16 +788,20 @@ def _plain(tensor: torch.Tensor) -> torch.Tensor:
 def run_training(config: TrainConfig) -> TrainResult:
     """Train with `config` in this process (one of the torchrun ranks, or alone).
 
-    Validates the config for this world size before any process group starts, joins or creates the
-    process group, trains, and leaves the group as it found it (created here -> destroyed here).
+    Validates the config for this world size before any process group starts, locks the run's directories
+    (rank 0; `run_lock.RunDirectoryInUse` when another run holds one), joins or creates the process group,
+    trains, and leaves the group as it found it (created here -> destroyed here).
     """
     world = dist.get_world_size() if dist.is_initialized() else None
     if config.resolved is None or (world is not None and config.resolved.world_size != world):
         preflight(config, world)
-    par = config.parallel
-    env = init_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
-                        timeout_minutes=par.distributed_timeout_minutes)
-    result = Trainer(config, env).run()
-    sys.stdout.flush()
-    shutdown_parallel(env)
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    # rank 0 locks the run's directories before any process group starts or any file is written
+    with run_lock.hold(run_lock.run_directories(config) if rank == 0 else []):
+        par = config.parallel
+        env = init_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
+                            timeout_minutes=par.distributed_timeout_minutes)
+        result = Trainer(config, env).run()
+        sys.stdout.flush()
+        shutdown_parallel(env)
     return result
