@@ -20,7 +20,7 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, TextIO
+from typing import IO, Any, TextIO
 
 Batch = dict[str, list]
 TEXT_SUFFIXES = (".jsonl", ".json", ".csv", ".txt")
@@ -195,7 +195,6 @@ def _missing_column_error(where: str, missing: list[str], present: list[str], re
 
 
 def _parquet_batches(path: str, required: list[str], optional: list[str], batch_size: int) -> Iterator[Batch]:
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -207,18 +206,8 @@ def _parquet_batches(path: str, required: list[str], optional: list[str], batch_
     if missing:
         raise _missing_column_error(path, missing, names)
     present = [c for c in required + optional if c in names]
-    batches = parquet.iter_batches(batch_size=batch_size, columns=present)
-    while True:
-        try:
-            record_batch = next(batches, None)
-        except (pa.ArrowException, OSError) as exc:
-            raise DataInputError(f"{path}: damaged parquet data ({exc})") from exc
-        if record_batch is None:
-            return
-        batch = record_batch.to_pydict()
-        for column in optional:
-            batch.setdefault(column, [None] * record_batch.num_rows)
-        yield batch
+    for record_batch in _checked(parquet.iter_batches(batch_size=batch_size, columns=present), path, "parquet"):
+        yield _with_optional(record_batch, optional)
 
 
 def _arrow_batches(path: str, required: list[str], optional: list[str], batch_size: int) -> Iterator[Batch]:
@@ -239,22 +228,34 @@ def _arrow_batches(path: str, required: list[str], optional: list[str], batch_si
             raise _missing_column_error(path, missing, names)
         present = [c for c in required + optional if c in names]
         batches = (reader.get_batch(i) for i in range(reader.num_record_batches)) if file_format else iter(reader)
-        index = 0
-        while True:
-            try:
-                record_batch = next(batches, None)
-            except (pa.ArrowException, OSError) as exc:
-                raise DataInputError(f"{path}: damaged Arrow data in record batch {index} ({exc})") from exc
-            if record_batch is None:
-                return
-            index += 1
-            record_batch = record_batch.select(present)
-            for start in range(0, record_batch.num_rows, batch_size):
-                rows = record_batch.slice(start, batch_size)
-                batch = rows.to_pydict()
-                for column in optional:
-                    batch.setdefault(column, [None] * rows.num_rows)
-                yield batch
+        for record_batch in _checked(batches, path, "Arrow"):
+            selected = record_batch.select(present)
+            for start in range(0, selected.num_rows, batch_size):
+                yield _with_optional(selected.slice(start, batch_size), optional)
+
+
+def _checked(batches: Iterator[Any], path: str, what: str) -> Iterator[Any]:
+    """The record batches of a pyarrow reader; a read error becomes a DataInputError naming the file and batch."""
+    import pyarrow as pa
+
+    index = 0
+    while True:
+        try:
+            record_batch = next(batches, None)
+        except (pa.ArrowException, OSError) as exc:
+            raise DataInputError(f"{path}: damaged {what} data in record batch {index} ({exc})") from exc
+        if record_batch is None:
+            return
+        index += 1
+        yield record_batch
+
+
+def _with_optional(record_batch: Any, optional: list[str]) -> Batch:
+    """A pyarrow record batch as {column: values}, with None for the optional columns it lacks."""
+    batch: Batch = record_batch.to_pydict()
+    for column in optional:
+        batch.setdefault(column, [None] * record_batch.num_rows)
+    return batch
 
 
 def _csv_batches(path: str, required: list[str], optional: list[str], batch_size: int) -> Iterator[Batch]:
