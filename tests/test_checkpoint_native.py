@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -227,6 +228,8 @@ def test_detect_checkpoint_format(tmp_path: Path) -> None:
 # ---- kill -9 in the middle of a save -------------------------------------------------------------
 
 FAULTS = ("dcp_write", "before_rename", "before_latest", "resave_between_renames")
+PRUNE_FAULTS = ("prune_rename", "prune_rmtree")  # a save with keep_last=1 killed while deleting the older one
+MODES = ("sync", "async")
 
 
 def _install_fault(fault: str) -> None:
@@ -241,6 +244,16 @@ def _install_fault(fault: str) -> None:
         FileSystemWriter.finish = die  # type: ignore[method-assign]
     elif fault == "before_rename":  # staging complete, not yet renamed
         native.replace_directory = die  # type: ignore[assignment]
+    elif fault == "prune_rmtree":  # the old iteration moved aside and partly deleted
+        real_rmtree = shutil.rmtree
+
+        def rmtree(path: Any, *args: Any, **kwargs: Any) -> None:
+            if Path(path).name.endswith(".pruned"):
+                min(p for p in Path(path).rglob("*") if p.is_file()).unlink()
+                die()
+            real_rmtree(path, *args, **kwargs)
+
+        native.shutil.rmtree = rmtree  # type: ignore[assignment]
     else:
         real_replace = os.replace
 
@@ -249,31 +262,42 @@ def _install_fault(fault: str) -> None:
                 die()  # the new iteration is in place, `latest` still names the previous one
             if fault == "resave_between_renames" and Path(src).name.endswith(".incomplete"):
                 die()  # the old directory of this iteration is moved aside, the new one not yet in
+            if fault == "prune_rename" and Path(dst).name.endswith(".pruned"):
+                die()  # `latest` names the new iteration, the old one is not yet moved aside
             real_replace(src, dst)
 
         native.os.replace = replace  # type: ignore[assignment]
 
 
 def _fault_worker(workdir: Path) -> None:
-    """Per fault: save iteration 1 (+ its expected state), then fork a child that saves again with the
-    fault installed; record the child's wait status in `workdir/FAULT/status`."""
-    for fault in FAULTS:
-        save_dir = workdir / fault / "ckpt"
-        model, optimizer, scheduler = _setup(seed=0)
-        _train(model, optimizer, scheduler, steps=1, seed=1)
-        save_checkpoint(save_dir, 1, model, optimizer, scheduler, {"consumed_samples": 2}, CONFIG)
-        torch.save(_full_state(model, optimizer), workdir / fault / "expected.pt")
-        _train(model, optimizer, scheduler, steps=1, seed=2)
-        iteration = 1 if fault == "resave_between_renames" else 2
-        pid = os.fork()  # safe: this process runs CPU-only (see _cpu_env)
-        if pid == 0:
-            try:
-                _install_fault(fault)
-                save_checkpoint(save_dir, iteration, model, optimizer, scheduler, {"consumed_samples": 4}, CONFIG)
-            finally:
-                os._exit(1)  # reached only if the fault did not fire
-        _, status = os.waitpid(pid, 0)
-        (workdir / fault / "status").write_text(str(status))
+    """Per fault and mode: save iteration 1, then fork a child that saves again (in the background with
+    mode "async") with the fault installed; record the child's wait status in `workdir/FAULT-MODE/status` and
+    the state the loadable latest checkpoint must hold in `expected.pt`."""
+    for fault in (*FAULTS, *PRUNE_FAULTS):
+        for mode in MODES:
+            case = workdir / f"{fault}-{mode}"
+            save_dir = case / "ckpt"
+            model, optimizer, scheduler = _setup(seed=0)
+            _train(model, optimizer, scheduler, steps=1, seed=1)
+            save_checkpoint(save_dir, 1, model, optimizer, scheduler, {"consumed_samples": 2}, CONFIG)
+            torch.save(_full_state(model, optimizer), case / "expected.pt")
+            _train(model, optimizer, scheduler, steps=1, seed=2)
+            if fault in PRUNE_FAULTS:
+                torch.save(_full_state(model, optimizer), case / "expected.pt")
+            iteration = 1 if fault == "resave_between_renames" else 2
+            pid = os.fork()  # safe: this process runs CPU-only (see _cpu_env)
+            if pid == 0:
+                try:
+                    _install_fault(fault)
+                    saver = native.AsyncSaver() if mode == "async" else None
+                    save_checkpoint(save_dir, iteration, model, optimizer, scheduler, {"consumed_samples": 4},
+                                    CONFIG, keep_last=1 if fault in PRUNE_FAULTS else None, background=saver)
+                    if saver is not None:
+                        saver.wait()
+                finally:
+                    os._exit(1)  # reached only if the fault did not fire
+            _, status = os.waitpid(pid, 0)
+            (case / "status").write_text(str(status))
 
 
 @pytest.fixture(scope="module")
@@ -282,25 +306,47 @@ def faulted_saves(tmp_path_factory: pytest.TempPathFactory) -> Path:
     workdir = tmp_path_factory.mktemp("faults")
     result = subprocess.run(
         [sys.executable, __file__, "fault", str(workdir)],
-        env=_cpu_env(), capture_output=True, text=True, timeout=180, check=False,
+        env=_cpu_env(), capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return workdir
 
 
-@pytest.mark.parametrize("fault", FAULTS)
-def test_kill_during_save_keeps_previous_checkpoint(faulted_saves: Path, fault: str) -> None:
-    status = int((faulted_saves / fault / "status").read_text())
+def _killed_case(faulted_saves: Path, fault: str, mode: str) -> Path:
+    case = faulted_saves / f"{fault}-{mode}"
+    status = int((case / "status").read_text())
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"child wait status {status}"
-    save_dir = faulted_saves / fault / "ckpt"
+    return case
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("fault", FAULTS)
+def test_kill_during_save_keeps_previous_checkpoint(faulted_saves: Path, fault: str, mode: str) -> None:
+    case = _killed_case(faulted_saves, fault, mode)
+    save_dir = case / "ckpt"
     assert _read_latest(save_dir) == "1"
     model, optimizer, scheduler = _setup(seed=3)
     assert load_checkpoint(save_dir, model, optimizer, scheduler) == {"consumed_samples": 2, "iteration": 1}
-    _assert_same(torch.load(faulted_saves / fault / "expected.pt", weights_only=True), _full_state(model, optimizer))
+    _assert_same(torch.load(case / "expected.pt", weights_only=True), _full_state(model, optimizer))
     save_checkpoint(save_dir, 2, model, optimizer, scheduler, {"consumed_samples": 4}, CONFIG)
     assert _read_latest(save_dir) == "2"
     assert sorted(p.name for p in save_dir.iterdir()) == ["iter_0000001", "iter_0000002", LATEST_FILE]
     assert load_checkpoint(save_dir, model, iteration=1)["consumed_samples"] == 2
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("fault", PRUNE_FAULTS)
+def test_kill_during_prune_leaves_latest_loadable(faulted_saves: Path, fault: str, mode: str) -> None:
+    case = _killed_case(faulted_saves, fault, mode)
+    save_dir = case / "ckpt"
+    assert _read_latest(save_dir) == "2"
+    model, optimizer, scheduler = _setup(seed=3)
+    assert load_checkpoint(save_dir, model, optimizer, scheduler) == {"consumed_samples": 4, "iteration": 2}
+    _assert_same(torch.load(case / "expected.pt", weights_only=True), _full_state(model, optimizer))
+    for name in {p.name for p in save_dir.glob("iter_*")} - {"iter_0000002"}:
+        assert name == "iter_0000001" and native.verify_checkpoint(save_dir / name)  # complete or gone
+    save_checkpoint(save_dir, 3, model, optimizer, scheduler, {"consumed_samples": 6}, CONFIG, keep_last=1)
+    assert sorted(p.name for p in save_dir.iterdir()) == ["iter_0000003", LATEST_FILE]
 
 
 # ---- FSDP2 on 2 processes <-> 1 process -------------------------------------------------------

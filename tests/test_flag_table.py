@@ -61,10 +61,11 @@ def test_docs_list_every_flag_and_are_up_to_date() -> None:
 
 def test_speed_only_flags_are_accepted_with_their_values_and_listed() -> None:
     flags = [*tiny_flags(DATA), "--use-flash-attn", "--transformer-impl", "local", "--spec", "a.b", "layer_spec",
-             "--distributed-backend=nccl", "--use-ascend-coc", "--async-save", "--normalization", "RMSNorm"]
+             "--distributed-backend=nccl", "--use-ascend-coc", "--ckpt-fully-parallel-save", "--normalization",
+             "RMSNorm"]
     config = parse_train_args(flags, world_size=1)
     assert config.ignored == ["--use-flash-attn", "--transformer-impl", "--spec", "--distributed-backend",
-                              "--use-ascend-coc", "--async-save", "--normalization"]
+                              "--use-ascend-coc", "--ckpt-fully-parallel-save", "--normalization"]
     assert config.parallel.tensor_model_parallel_size == 1  # the values were consumed, nothing else changed
 
 

@@ -241,9 +241,12 @@ def test_a_dead_peer_ends_the_job_naming_its_rank(data: str, tmp_path: Path, lau
     assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s*exitcode\s*: 17", root_cause), output[-4000:]
 
 
-def test_sigterm_to_the_launcher_saves_and_exits_0(data: str, tmp_path: Path, launcher: Launcher) -> None:
+@pytest.mark.parametrize("async_save", [False, True])  # async: saves every 2 iterations are in flight at the stop
+def test_sigterm_to_the_launcher_saves_and_exits_0(data: str, tmp_path: Path, launcher: Launcher,
+                                                   async_save: bool) -> None:
     ckpt = tmp_path / "ckpt"
-    proc = launcher.start(_flags(data, train_iters=5000, save=ckpt, save_interval=1000), _env())
+    proc = launcher.start(_flags(data, train_iters=5000, save=ckpt, save_interval=2 if async_save else 1000,
+                                 async_save=async_save), _env())
     launcher.wait_for_line(r"iteration +3/")
     proc.send_signal(signal.SIGTERM)
     code, output = launcher.wait()

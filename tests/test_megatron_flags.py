@@ -88,9 +88,13 @@ def test_enable_hf2mg_convert_loads_an_hf_directory(data: str, tmp_path: Path) -
         parse_train_args(tiny_flags(data, load=tmp_path / "hf", enable_hf2mg_convert=True))
 
 
-def test_ckpt_format_torch_writes_mcore_rank_files_beside_the_native_checkpoint(data: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("async_save", [False, True])
+def test_ckpt_format_torch_writes_mcore_rank_files_beside_the_native_checkpoint(
+    data: str, tmp_path: Path, async_save: bool
+) -> None:
     save = tmp_path / "ck"
-    _quiet_run(tiny_flags(data, save=save, train_iters=2, lr_warmup_iters=0, ckpt_format="torch", bf16=True))
+    _quiet_run(tiny_flags(data, save=save, train_iters=2, save_interval=1, lr_warmup_iters=0, ckpt_format="torch",
+                          bf16=True, async_save=async_save))
     assert detect_format(save) == "native"  # resumes as native
     native = load_model_tensors(save)
     config, iteration, tensors = iter_mcore_as_hf(save)  # Megatron's reader path: tracker -> iter_N/mp_rank_00

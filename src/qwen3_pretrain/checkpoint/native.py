@@ -17,6 +17,8 @@ A save is atomic: everything is written into `<save_dir>/.iter_N.<token>.incompl
 and only then is the `latest` file replaced (write to a temporary name + rename). A save killed at
 any point leaves the previous checkpoint complete and `latest` pointing at it. Re-saving an existing
 iteration moves the old directory aside first; a load falls back to it if a kill lands in between.
+`keep_last` prunes only after `latest` names the new iteration (never the resume point it is told to protect).
+With an `AsyncSaver` the caller waits only for a host copy of the state; the same steps run in its thread.
 
 Loading checks every file against the manifest first (`verify=False` skips it; saves older than the
 manifest load with a warning), and nothing read from a checkpoint can run code: torch files are read
@@ -37,6 +39,7 @@ import pickle
 import random
 import re
 import shutil
+import threading
 import time
 import warnings
 import zlib
@@ -50,6 +53,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import yaml
 from torch import nn
+from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (
@@ -110,17 +114,21 @@ def iteration_dir_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
-def _staging_dir(final: Path) -> Path:
+def _staging_dir(final: Path, group: dist.ProcessGroup | None = None) -> Path:
     """A new `.iter_N.<token>.incomplete` per save, the same on every rank (rank 0's token, broadcast: collective),
     so nothing an earlier save left behind, or a straggler of it still writes, mixes into this save."""
     token = [os.urandom(6).hex()]
     if _distributed():
-        dist.broadcast_object_list(token, src=0)
+        dist.broadcast_object_list(token, src=0, group=group)
     return final.with_name(f".{final.name}.{token[0]}.incomplete")
 
 
 def _replaced_dir(final: Path) -> Path:
     return final.with_name(f".{final.name}.replaced")
+
+
+def _pruned_dir(final: Path) -> Path:
+    return final.with_name(f".{final.name}.pruned")
 
 
 def _rng_file(checkpoint: Path, rank: int) -> Path:
@@ -160,7 +168,7 @@ def _print_rank0(message: str) -> None:
         print(message, flush=True)
 
 
-def _on_rank0(action: Callable[[], None]) -> None:
+def _on_rank0(action: Callable[[], None], group: dist.ProcessGroup | None = None) -> None:
     """Run `action` on rank 0 only; every rank raises if it failed (and waits for it either way)."""
     error: str | None = None
     if _rank() == 0:
@@ -172,12 +180,12 @@ def _on_rank0(action: Callable[[], None]) -> None:
             error = f"{type(exc).__name__}: {exc}"
     if _distributed():
         box = [error]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=group)
         if box[0] is not None:
             raise CheckpointError(f"rank 0 failed while saving a checkpoint: {box[0]}")
 
 
-def _on_all_ranks(action: Callable[[], _T], what: str) -> list[_T]:
+def _on_all_ranks(action: Callable[[], _T], what: str, group: dist.ProcessGroup | None = None) -> list[_T]:
     """`action()` on every rank, the results gathered in rank order on all; every rank raises if one failed."""
     if not _distributed():
         return [action()]
@@ -186,7 +194,7 @@ def _on_all_ranks(action: Callable[[], _T], what: str) -> list[_T]:
     except Exception as exc:
         mine = (None, f"{type(exc).__name__}: {exc}")
     gathered: list[Any] = [None] * _world_size()
-    dist.all_gather_object(gathered, mine)
+    dist.all_gather_object(gathered, mine, group=group)
     failed = [f"rank {rank}: {error}" for rank, (_, error) in enumerate(gathered) if error is not None]
     if failed:
         raise CheckpointError(f"{what} failed on " + "; ".join(failed))
@@ -518,11 +526,11 @@ def verify_checkpoint(checkpoint: Path, collective: bool = False) -> bool:
 def _prepare_staging(save_dir: Path, staging: Path) -> None:
     """Create an empty staging directory after tidying what killed saves left behind.
 
-    Stale staging directories are deleted; a directory moved aside by an interrupted re-save is
-    deleted when its replacement is in place, and put back otherwise.
+    Stale staging directories and the remains of interrupted prunes are deleted; a directory moved aside by an
+    interrupted re-save is deleted when its replacement is in place, and put back otherwise.
     """
     save_dir.mkdir(parents=True, exist_ok=True)
-    for stale in save_dir.glob(".iter_*.incomplete"):
+    for stale in [*save_dir.glob(".iter_*.incomplete"), *save_dir.glob(".iter_*.pruned")]:
         shutil.rmtree(stale)
     for aside in save_dir.glob(".iter_*.replaced"):
         final = save_dir / aside.name[1 : -len(".replaced")]
@@ -533,15 +541,117 @@ def _prepare_staging(save_dir: Path, staging: Path) -> None:
     (staging / RNG_DIR).mkdir(parents=True)
 
 
-def _prune(save_dir: Path, iteration: int, keep_last: int) -> None:
-    """Delete checkpoints older than `iteration` so that `keep_last` remain (newer ones are left alone)."""
+def _prune(save_dir: Path, iteration: int, keep_last: int, protected: Path | None = None) -> None:
+    """Delete checkpoints older than `iteration` so that `keep_last` remain, never `protected` (it does not count).
+
+    Runs after `latest` names `iteration`, and newer checkpoints are left alone, so `latest` never names a deleted
+    one. Each goes by a rename to `.iter_N.pruned` first: a kill leaves whole `iter_N` directories only (the
+    next save deletes the remains).
+    """
+    keep = None if protected is None else protected.resolve()
     older = sorted(
         int(match.group(1))
         for path in save_dir.iterdir()
-        if (match := ITER_DIR_PATTERN.match(path.name)) and int(match.group(1)) < iteration
+        if (match := ITER_DIR_PATTERN.match(path.name))
+        and int(match.group(1)) < iteration
+        and path.resolve() != keep
     )
     for old in older[: max(0, len(older) - (keep_last - 1))]:
-        shutil.rmtree(save_dir / iteration_dir_name(old), ignore_errors=True)
+        doomed = _pruned_dir(save_dir / iteration_dir_name(old))
+        os.replace(save_dir / iteration_dir_name(old), doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _host_copy(state: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a DCP state dict in fresh CPU memory (DTensors stay DTensors), for a save in the background."""
+    copy = _create_cpu_state_dict(state)
+    return _copy_state_dict(state, copy)
+
+
+@dataclasses.dataclass
+class _SaveJob:
+    """Everything one save writes, captured when it starts: what runs later (`write`) reads nothing live."""
+
+    save_dir: Path
+    iteration: int
+    state: dict[str, Any]
+    meta_bytes: bytes
+    config_text: str
+    rng_state: dict[str, Any]
+    keep_last: int | None
+    protected: Path | None
+    also_write: Callable[[Path], None] | None
+
+    @property
+    def final(self) -> Path:
+        return self.save_dir / iteration_dir_name(self.iteration)
+
+    def write(self, group: dist.ProcessGroup | None = None) -> Path:
+        """Write the files, the manifest and commit; collective over `group` (None: the default group)."""
+        start = time.perf_counter()
+        save_dir, final = self.save_dir, self.final
+        staging = _staging_dir(final, group)
+        _on_rank0(lambda: _prepare_staging(save_dir, staging), group)
+        _write_durably(_rng_file(staging, _rank()), lambda f: torch.save(self.rng_state, f))
+        with _single_process_is_intended():
+            dcp.save(self.state, checkpoint_id=staging, process_group=group)
+        checksums = _on_all_ranks(lambda: _own_file_entries(staging), "checksumming a checkpoint", group)
+
+        def commit() -> None:
+            _write_durably(staging / TRAIN_STATE_FILE, lambda f: f.write(self.meta_bytes))
+            _write_durably(staging / CONFIG_FILE, lambda f: f.write(self.config_text.encode()))
+            if self.also_write is not None:
+                self.also_write(staging)
+            _write_manifest(staging, {name: entry for entries in checksums for name, entry in entries.items()})
+            replace_directory(staging, final)
+            _write_latest(save_dir, self.iteration)
+            if self.keep_last is not None:
+                _prune(save_dir, self.iteration, self.keep_last, self.protected)
+
+        _on_rank0(commit, group)
+        seconds = time.perf_counter() - start
+        _print_rank0(
+            f"  successfully saved checkpoint from iteration {self.iteration:7d} to {save_dir} ({seconds:.2f} s)"
+        )
+        return final
+
+
+class AsyncSaver:
+    """Writes checkpoints in a background thread, at most one at a time (`save_checkpoint(background=...)`).
+
+    The caller blocks only to copy the state to host memory; the files, the manifest and the commit follow in
+    the thread, whose collectives use a gloo group of their own. `wait()` blocks until the save in flight is
+    committed (or raises its error); call it on every rank before the process ends.
+    """
+
+    def __init__(self) -> None:
+        self._group: dist.ProcessGroup | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, job: _SaveJob) -> None:
+        """Wait for the previous save, then start writing `job`; collective."""
+        self.wait()
+        if _distributed() and self._group is None:
+            self._group = dist.new_group(backend="gloo")
+
+        def run() -> None:
+            try:
+                job.write(self._group)
+            except BaseException as exc:  # DCP's CheckpointException is a BaseException
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name=f"checkpoint-{job.iteration}", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is committed; re-raise its error here."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
 
 def save_checkpoint(
@@ -554,25 +664,27 @@ def save_checkpoint(
     config: Mapping[str, Any],
     keep_last: int | None = None,
     also_write: Callable[[Path], None] | None = None,
+    protected: Path | None = None,
+    background: AsyncSaver | None = None,
 ) -> Path:
     """Save model, optimizer, LR scheduler, train state, config and RNG states of `iteration`; collective.
 
     Call on every rank (or in a single process without a process group). Returns the final
-    `iter_N` directory. `keep_last` deletes older checkpoints beyond the newest `keep_last`.
+    `iter_N` directory. `keep_last` deletes older checkpoints beyond the newest `keep_last`, never the
+    iteration directory `protected` (a run's resume point).
     `also_write(directory)` runs on rank 0 on the complete checkpoint before it is committed (other
     formats of the same weights, written into the same directory, appear atomically with it).
     The manifest comes last: each rank checksums the files it wrote, rank 0 the rest.
     An optimizer that has not stepped yet is recorded as empty (DCP would otherwise initialise
     its state with a zero step, which changes the live optimizer).
+    With `background`, this returns once the state is copied to host memory and the rest runs in its thread
+    (the directory exists when `background.wait()` returns).
     """
     if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
         raise ValueError(f"iteration must be an integer >= 0, got {iteration!r}")
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
-    start = time.perf_counter()
     save_dir = Path(save_dir)
-    final = save_dir / iteration_dir_name(iteration)
-    staging = _staging_dir(final)
     config_text = _config_yaml(config)  # fails before any writing if the config cannot be stored
     _print_rank0(f"saving checkpoint at iteration {iteration:7d} to {save_dir}")
 
@@ -591,29 +703,15 @@ def save_checkpoint(
         "train_state": dict(train_state),
         "lr_scheduler": None if lr_scheduler is None else lr_scheduler.state_dict(),
     })
-
-    _on_rank0(lambda: _prepare_staging(save_dir, staging))
-    rng_state = _capture_rng()
-    _write_durably(_rng_file(staging, _rank()), lambda f: torch.save(rng_state, f))
-    with _single_process_is_intended():
-        dcp.save(state, checkpoint_id=staging)
-    checksums = _on_all_ranks(lambda: _own_file_entries(staging), "checksumming a checkpoint")
-
-    def commit() -> None:
-        _write_durably(staging / TRAIN_STATE_FILE, lambda f: f.write(meta_bytes))
-        _write_durably(staging / CONFIG_FILE, lambda f: f.write(config_text.encode()))
-        if also_write is not None:
-            also_write(staging)
-        _write_manifest(staging, {name: entry for entries in checksums for name, entry in entries.items()})
-        replace_directory(staging, final)
-        _write_latest(save_dir, iteration)
-        if keep_last is not None:
-            _prune(save_dir, iteration, keep_last)
-
-    _on_rank0(commit)
-    seconds = time.perf_counter() - start
-    _print_rank0(f"  successfully saved checkpoint from iteration {iteration:7d} to {save_dir} ({seconds:.2f} s)")
-    return final
+    if background is not None:
+        background.wait()  # the previous save's host copy is free again before this one is made
+        state = _host_copy(state)
+    job = _SaveJob(save_dir, iteration, state, meta_bytes, config_text, _capture_rng(), keep_last, protected,
+                   also_write)
+    if background is None:
+        return job.write()
+    background.submit(job)
+    return job.final
 
 
 # ---- load ------------------------------------------------------------------------------------

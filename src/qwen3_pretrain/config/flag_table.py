@@ -174,7 +174,7 @@ SPEED_ONLY: dict[str, tuple[str, ...]] = {
         "--high-priority-a2a-comm-stream",
     ),
     "ckptio": (
-        "--async-save", "--async-strategy V", "--async-ckpt-cpu-priority V", "--async-ckpt-io-priority V",
+        "--async-strategy V", "--async-ckpt-cpu-priority V", "--async-ckpt-io-priority V",
         "--async-ckpt-use-cpu-shm", "--ckpt-fully-parallel-save", "--no-ckpt-fully-parallel-save",
         "--ckpt-fully-parallel-load", "--ckpt-fully-parallel-load-exchange-algo V",
         "--ckpt-fully-parallel-load-per-rank-objects", "--ckpt-fully-parallel-load-process-group V",

@@ -227,7 +227,12 @@ class CheckpointArgs:
         False, "load a native checkpoint without checking its files against its manifest.json checksums"
     )
     finetune: bool = _opt(False, "load weights only and start at iteration 0")
-    keep_last_checkpoints: int | None = _opt(None, "delete older checkpoints of this run so that this many remain")
+    keep_last_checkpoints: int | None = _opt(
+        None, "delete older checkpoints of this run so that this many remain (never the one resumed from)"
+    )
+    async_save: bool = _opt(
+        False, "write checkpoints in the background: training waits only for the copy of the state to host memory"
+    )
     exit_on_missing_checkpoint: bool = _opt(False, "fail when --load holds no checkpoint (instead of starting fresh)")
     ckpt_format: str = _opt(
         "native", "native: DCP checkpoints any layout resumes; torch: also the weights as Megatron mcore rank files "

@@ -43,7 +43,7 @@ from torch.distributed.tensor import DTensor
 
 from qwen3_pretrain.checkpoint.loader import open_checkpoint
 from qwen3_pretrain.checkpoint.mcore import McoreLayout, add_mcore_rank_files
-from qwen3_pretrain.checkpoint.native import load_model_tensors, save_checkpoint
+from qwen3_pretrain.checkpoint.native import AsyncSaver, load_model_tensors, resolve_checkpoint_dir, save_checkpoint
 from qwen3_pretrain.config import Qwen3Config, TrainConfig
 from qwen3_pretrain.data.gpt_dataset import build_gpt_datasets
 from qwen3_pretrain.data.loader import build_pretraining_loader
@@ -303,7 +303,10 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, config)
         self.scaler = build_loss_scaler(config, env.device)
         self.state = TrainState()
+        self.resumed_from: Path | None = None  # the native iteration directory resumed (never pruned)
         self.last_saved = self._load_or_init_weights(named, held_elsewhere)
+        self.saver = AsyncSaver() if config.checkpoint.async_save else None
+        self.in_flight: int | None = None  # the iteration --async-save writes in the background
         self.pipeline = None
         if self.resolved.pipeline is not None:
             self.pipeline = build_pipeline(config, env, typing.cast(list[PipelineStageModule], self.model_parts))
@@ -354,6 +357,8 @@ class Trainer:
         if not with_optimizer:  # fresh optimizer and scaler; the schedule continues from the data position
             state = {k: v for k, v in state.items() if k != "loss_scaler"}
         self.load_state_dict(state)
+        if fmt == "native":
+            self.resumed_from = resolve_checkpoint_dir(ck.load)
         if not with_optimizer:
             self.scheduler.step(self.state.consumed_samples)
         return self.state.iteration
@@ -608,7 +613,9 @@ class Trainer:
 
     def save(self) -> bool:
         """Save a native checkpoint of the current iteration (reads pending values first); returns False, with a
-        printed note, without saving while the last iteration was non-finite. A full disk is a TrainingError."""
+        printed note, without saving while the last iteration was non-finite. A full disk is a TrainingError.
+        With --async-save the files are written in the background after the state is copied to host memory
+        (`wait_for_save` blocks until they are committed)."""
         self._flush()
         ck = self.config.checkpoint
         if ck.save is None:
@@ -621,14 +628,36 @@ class Trainer:
                     flush=True,
                 )
             return False
-        save_dir, before = Path(ck.save), _entries(Path(ck.save))
-        try:
+        self.wait_for_save()
+        iteration, save_dir = self.state.iteration, Path(ck.save)
+        with self._out_of_space_is_fatal(iteration, save_dir):
             path = save_checkpoint(
-                save_dir, self.state.iteration, as_one_module(self.model_parts), self.optimizer, self.scheduler,
+                save_dir, iteration, as_one_module(self.model_parts), self.optimizer, self.scheduler,
                 train_state=self.state_dict(), config=self.config.checkpoint_dict(),
                 keep_last=ck.keep_last_checkpoints,
-                also_write=self._write_mcore_weights if ck.ckpt_format == "torch" else None,
+                also_write=(lambda directory: self._write_mcore_weights(directory, iteration))
+                if ck.ckpt_format == "torch" else None,
+                protected=self.resumed_from, background=self.saver,
             )
+        self.result.checkpoints.append(path)
+        self.last_saved = iteration
+        self.in_flight = iteration if self.saver is not None else None
+        return True
+
+    def wait_for_save(self) -> None:
+        """Block until a save running in the background (--async-save) is committed; a full disk is a TrainingError."""
+        if self.saver is None or self.in_flight is None:
+            return
+        iteration, self.in_flight = self.in_flight, None
+        with self._out_of_space_is_fatal(iteration, Path(typing.cast(str, self.config.checkpoint.save))):
+            self.saver.wait()
+
+    @contextlib.contextmanager
+    def _out_of_space_is_fatal(self, iteration: int, save_dir: Path) -> Iterator[None]:
+        """Turn a save's failure for lack of disk space into a TrainingError, its partial files removed."""
+        before = _entries(save_dir)
+        try:
+            yield
         except (Exception, CheckpointException) as exc:
             if not _out_of_space(exc, save_dir):
                 raise
@@ -637,18 +666,15 @@ class Trainer:
                     if entry.name.startswith("."):
                         shutil.rmtree(entry, ignore_errors=True)
             raise TrainingError(
-                f"no space left on device while saving the checkpoint of iteration {self.state.iteration} to "
+                f"no space left on device while saving the checkpoint of iteration {iteration} to "
                 f"{save_dir} (its partial files were removed); free space there or point --save elsewhere, then "
                 f"resume with --load (last saved: {self._last_saved_text()})"
             ) from exc
-        self.result.checkpoints.append(path)
-        self.last_saved = self.state.iteration
-        return True
 
     def _last_saved_text(self) -> str:
         return f"iteration {self.last_saved}" if self.last_saved >= 0 else "none"
 
-    def _write_mcore_weights(self, iteration_dir: Path) -> None:
+    def _write_mcore_weights(self, iteration_dir: Path, iteration: int) -> None:
         """`--ckpt-format torch`: the weights, in the compute dtype, as Megatron mcore rank files of this run's
         TP/PP layout in the same iteration directory (read back from the checkpoint, on rank 0 only)."""
         r, par = self.resolved, self.config.parallel
@@ -656,7 +682,7 @@ class Trainer:
         layout = McoreLayout.build(r.model_config, par.tensor_model_parallel_size, len(stage_layers), stage_layers)
         saved = load_model_tensors(iteration_dir, verify=False)  # just written; its manifest comes after this
         tensors = ((name, t.to(self.compute_dtype)) for name, t in saved.items())
-        add_mcore_rank_files(iteration_dir, tensors, r.model_config, layout, self.state.iteration,
+        add_mcore_rank_files(iteration_dir, tensors, r.model_config, layout, iteration,
                              pp_ranks=par.pipeline_model_parallel_size)
 
     # ---- the loop ------------------------------------------------------------------------------
@@ -706,6 +732,7 @@ class Trainer:
                 self.save()
             if not self.result.stopped_by_signal and self.result.exit_flag is None:
                 self._final_evaluations()
+            self.wait_for_save()
             self._finish(self.state.iteration - start_iteration, seconds)
         finally:
             watchdog.stop()
