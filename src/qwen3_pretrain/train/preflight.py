@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from qwen3_pretrain.checkpoint.loader import detect_format, open_checkpoint
+from qwen3_pretrain.checkpoint.loader import CheckpointSource, detect_format, open_checkpoint
 from qwen3_pretrain.checkpoint.native import LATEST_FILE, CheckpointError, is_native_checkpoint_dir
 from qwen3_pretrain.config import ConfigError, Qwen3Config, Resolved, TrainConfig, get_preset, parse_train_args
 from qwen3_pretrain.data.gpt_dataset import DataConfigError, parse_data_path, parse_split
@@ -41,8 +41,9 @@ def preflight(config: TrainConfig, world_size: int | None = None, local_world_si
     config.check(world_size)  # the flag errors first, before anything is read
     _check_wandb(config)
     datasets = _check_data_files(config)
-    load_format = _load_format(config)
-    checkpoint_model = _checkpoint_model_config(config, load_format)
+    source = _load_source(config)
+    load_format = source.format if source is not None else None
+    checkpoint_model = _checkpoint_model_config(config, source)
     resolved = config.resolve(world_size, _base_model_config(config, checkpoint_model),
                               _tokenizer_vocab_size(config), load_format, checkpoint_model)
     _check_token_ids(config, datasets, resolved.model_config.vocab_size)
@@ -112,9 +113,9 @@ def _check_token_ids(config: TrainConfig, datasets: list[tuple[str, IndexedDatas
             )
 
 
-def _load_format(config: TrainConfig) -> str | None:
-    """The format of `--load`; None without one, or for Megatron's `--load DIR --save DIR` while DIR holds no
-    complete checkpoint (no `latest_checkpointed_iteration.txt`, which a save writes last): a fresh start."""
+def _load_source(config: TrainConfig) -> CheckpointSource | None:
+    """The `--load` checkpoint, opened once; None without one, or for Megatron's `--load DIR --save DIR` while DIR
+    holds no complete checkpoint (no `latest_checkpointed_iteration.txt`, which a save writes last): a fresh start."""
     ck = config.checkpoint
     if ck.load is None:
         return None
@@ -128,15 +129,15 @@ def _load_format(config: TrainConfig) -> str | None:
             )
         return None  # a run that saves where it loads from and has not completed a save: start from scratch
     try:
-        fmt = open_checkpoint(load, fmt).format
+        source = open_checkpoint(load, fmt)
     except CheckpointError as exc:
         raise ConfigError(str(exc)) from exc
-    if ck.enable_hf2mg_convert and fmt != "hf":
+    if ck.enable_hf2mg_convert and source.format != "hf":
         raise ConfigError(
-            f"--enable-hf2mg-convert: --load {load} is a {fmt} checkpoint, not an HF model directory "
+            f"--enable-hf2mg-convert: --load {load} is a {source.format} checkpoint, not an HF model directory "
             "(config.json + *.safetensors); drop --enable-hf2mg-convert to load it as it is"
         )
-    return fmt
+    return source
 
 
 def fresh_start_message(load: Path) -> str:
@@ -154,18 +155,17 @@ def _contents(directory: Path) -> str:
     return "it holds only " + ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
-def _checkpoint_model_config(config: TrainConfig, load_format: str | None) -> Qwen3Config | None:
+def _checkpoint_model_config(config: TrainConfig, source: CheckpointSource | None) -> Qwen3Config | None:
     """The model shape the `--load` checkpoint records; None without one, or when `--model` gives the shape and
     the checkpoint records none (an mcore file without `args`: its tensors are checked as they load)."""
-    load = config.checkpoint.load
-    if load is None or load_format is None:
+    if source is None:
         return None
     try:
-        return open_checkpoint(load, load_format).model_config()
+        return source.model_config()
     except (ValueError, OSError) as exc:  # checkpoint errors are ValueErrors
         if config.model.model is not None:
             return None
-        raise ConfigError(f"cannot read the model shape of --load {load}: {exc}") from exc
+        raise ConfigError(f"cannot read the model shape of --load {source.path}: {exc}") from exc
 
 
 def _base_model_config(config: TrainConfig, checkpoint_model: Qwen3Config | None) -> Qwen3Config | None:
