@@ -110,8 +110,8 @@ def test_bad_config_files_name_the_problem(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{oops")
     with pytest.raises(ConfigError, match="is not valid JSON"):
         Qwen3Config.from_pretrained(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps(OLD_STYLE_1_7B | {"model_type": "qwen3_moe"}))
-    with pytest.raises(ConfigError, match="model_type 'qwen3_moe'"):
+    (tmp_path / "config.json").write_text(json.dumps(OLD_STYLE_1_7B | {"model_type": "llama"}))
+    with pytest.raises(ConfigError, match="model_type 'llama'; supported: qwen3, qwen3_moe"):
         Qwen3Config.from_pretrained(tmp_path)
     with pytest.raises(ConfigError, match="unknown model preset 'qwen3-2b'"):
         get_preset("qwen3-2b")

@@ -9,12 +9,15 @@ with a choice keep the model's `KernelOptions` and pass them on. `DecoderLayer.f
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-from qwen3_pretrain.config.model import Qwen3Config
+from qwen3_pretrain.config.model import Qwen3Config, Qwen3MoeConfig
 from qwen3_pretrain.model import kernels as ops
 from qwen3_pretrain.model.kernels import KernelOptions
+from qwen3_pretrain.model.moe import MoEMLP
 
 
 class Linear(nn.Linear):
@@ -81,6 +84,8 @@ class Attention(nn.Module):
     """Causal grouped-query attention with per-head RMSNorm on q and k before RoPE.
 
     With `document_ids` [b, s] (equal ids = same document) a token attends only within its own document.
+    `core_attention` (default `kernels.attention`) is the hook through which context parallelism, applied from
+    outside, swaps in an attention over the sequence shards of all ranks (same signature).
     """
 
     def __init__(self, config: Qwen3Config, kernels: KernelOptions) -> None:
@@ -88,6 +93,7 @@ class Attention(nn.Module):
         d, h = config.head_dim, config.hidden_size
         self.head_dim = d
         self.kernels = kernels
+        self.core_attention: Callable[..., torch.Tensor] = ops.attention
         self.q_proj = Linear(h, config.num_attention_heads * d)
         self.k_proj = Linear(h, config.num_key_value_heads * d)
         self.v_proj = Linear(h, config.num_key_value_heads * d)
@@ -103,7 +109,7 @@ class Attention(nn.Module):
         k = self.k_norm(self.k_proj(x).view(b, s, -1, self.head_dim))  # [b, s, kv_heads, head_dim]
         v = self.v_proj(x).view(b, s, -1, self.head_dim)  # [b, s, kv_heads, head_dim]
         q, k = ops.apply_rotary(q, cos, sin, self.kernels), ops.apply_rotary(k, cos, sin, self.kernels)
-        out = ops.attention(q, k, v, self.head_dim**-0.5, self.kernels, document_ids=document_ids)  # [b, s, heads, d]
+        out = self.core_attention(q, k, v, self.head_dim**-0.5, self.kernels, document_ids=document_ids)  # [b,s,h,d]
         return self.o_proj(out.reshape(b, s, -1))  # [b, s, heads * head_dim] -> [b, s, hidden]
 
 
@@ -122,14 +128,21 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x)).
 
-    def __init__(self, config: Qwen3Config, kernels: KernelOptions) -> None:
+    Layer `index` of a Qwen3-MoE config whose `is_moe_layer(index)` holds gets the mixture-of-experts `MoEMLP`.
+    """
+
+    def __init__(self, config: Qwen3Config, kernels: KernelOptions, index: int = 0) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
         self.self_attn = Attention(config, kernels)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
-        self.mlp = MLP(config, kernels)
+        self.mlp: MLP | MoEMLP
+        if isinstance(config, Qwen3MoeConfig) and config.is_moe_layer(index):
+            self.mlp = MoEMLP(config, kernels)
+        else:
+            self.mlp = MLP(config, kernels)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, document_ids: torch.Tensor | None = None

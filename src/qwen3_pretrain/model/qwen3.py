@@ -15,6 +15,10 @@ A pipeline splitter may set `model.embed_tokens`, `model.norm` or `lm_head` to N
 of `model.layers` (keyed "0".."L-1", so surviving layers keep their HF names); the forward skips what
 is absent.
 
+A Qwen3-MoE config (`Qwen3MoeConfig`) gives its MoE layers a `model.moe.MoEMLP`; their load-balancing loss
+joins the gradients of `backward()` by itself and its value is read with `model.moe.aux_loss(model)` (see
+`model.moe` for why and for the trainer's scale).
+
 Training asks for the loss only, `model(input_ids, labels, return_logits=False, loss_reduction="sum")`:
 then the LM head and cross entropy run fused over chunks of `model.loss_chunk_tokens` tokens
 (`model.loss.chunked_lm_head_loss`) and the [tokens, vocab] logits never exist whole. Set
@@ -36,6 +40,7 @@ from qwen3_pretrain.model.kernels import DEFAULT_KERNELS, KernelOptions
 from qwen3_pretrain.model.layers import DecoderLayer, Linear, RMSNorm, RotaryEmbedding
 from qwen3_pretrain.model.loss import IGNORE_INDEX as IGNORE_INDEX  # re-exported: trainer, pipeline
 from qwen3_pretrain.model.loss import LossReduction, causal_lm_loss, chunked_lm_head_loss
+from qwen3_pretrain.model.moe import GroupedExperts
 
 # Tokens per chunk of the fused LM head + cross entropy: a chunk's float32 logits take
 # 4 x 1024 x 151,936 bytes = 0.6 GB for the real vocabulary, instead of 2.5 GB per 4096 tokens.
@@ -57,7 +62,9 @@ class Qwen3Model(nn.Module):
     def __init__(self, config: Qwen3Config, kernels: KernelOptions) -> None:
         super().__init__()
         self.embed_tokens: nn.Embedding | None = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(config, kernels) for i in range(config.num_hidden_layers)})
+        self.layers = nn.ModuleDict(
+            {str(i): DecoderLayer(config, kernels, i) for i in range(config.num_hidden_layers)}
+        )
         self.norm: RMSNorm | None = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
 
@@ -147,12 +154,14 @@ def copy_named_tensors(
 
 
 def init_module_weights(root: nn.Module, std: float) -> None:
-    """Initialise every Linear/Embedding weight under `root` ~ normal(0, std), norms = 1, RoPE tables."""
+    """Initialise every Linear/Embedding/expert weight under `root` ~ normal(0, std), norms = 1, RoPE tables."""
     if std <= 0:
         raise ValueError(f"init std must be > 0, got {std}")
     for module in root.modules():
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, GroupedExperts):
+            module.reset_parameters(std)
         elif isinstance(module, (RMSNorm, RotaryEmbedding)):
             module.reset_parameters()
 
@@ -275,8 +284,17 @@ class Qwen3ForCausalLM(nn.Module):
     # ---- HF layout -------------------------------------------------------------------------------
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """The state dict in HF's layout: like `state_dict()` but without `lm_head.weight` when tied."""
-        state = self.state_dict()
+        """The state dict in HF's on-disk layout: like `state_dict()` but without `lm_head.weight` when tied, and
+        the stacked experts of a MoE layer as per-expert views (`GroupedExperts.hf_tensors`; copying into them
+        loads the model)."""
+        experts = {name: module for name, module in self.named_modules() if isinstance(module, GroupedExperts)}
+        state: dict[str, torch.Tensor] = {}
+        for name, tensor in self.state_dict().items():
+            owner, _, leaf = name.rpartition(".")
+            if owner not in experts:
+                state[name] = tensor
+            elif leaf == "gate_up_proj":  # down_proj comes with it
+                state.update(experts[owner].hf_tensors(owner))
         if self.config.tie_word_embeddings:
             state.pop(LM_HEAD_KEY, None)
         return state
