@@ -7,6 +7,11 @@
 mg -> mg re-splits an mcore checkpoint to another TP/PP layout. `--load-model-type native` reads a
 checkpoint of `qwen3-pretrain train --save` (the --save directory, or one iter_NNNNNNN directory) and
 writes it as hf or mg; its model config comes from the run configuration saved with it.
+
+Qwen3-MoE (config.json's model_type qwen3_moe; MindSpeed's `--model-type-hf qwen3-moe` checks it) adds
+`--target-expert-parallel-size` (experts split over EP ranks, mp_rank_TT[_PPP]_EEE files) and
+`--moe-grouped-gemm` (the legacy grouped-GEMM expert tensors instead of sequential local experts) for mg
+output; mg input's layout is read from its files.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from qwen3_pretrain.checkpoint.mcore import (
     write_mcore_checkpoint,
 )
 from qwen3_pretrain.checkpoint.native import CheckpointError
-from qwen3_pretrain.config.model import ConfigError, Qwen3Config
+from qwen3_pretrain.config.model import ConfigError, Qwen3Config, Qwen3MoeConfig
 
 PARAMS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf", ".index.json")
@@ -50,6 +55,8 @@ _SHAPE_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "tie_word_embeddings",
 )
+_MOE_SHAPE_FIELDS = ("num_experts", "moe_intermediate_size", "decoder_sparse_step", "mlp_only_layers")
+HF_MODEL_TYPES = {"qwen3": Qwen3Config, "qwen3-moe": Qwen3MoeConfig}  # --model-type-hf (MindSpeed's names)
 
 
 def hf_side_files(directory: Path) -> list[Path]:
@@ -98,18 +105,42 @@ def _config_source(args: argparse.Namespace) -> Path | None:
 
 
 def _target_layout(args: argparse.Namespace, config: Qwen3Config) -> McoreLayout:
-    """The mg output's split from --target-tensor/pipeline-parallel-size and --num-layer-list."""
+    """The mg output's split from --target-tensor/pipeline/expert-parallel-size, --num-layer-list and
+    --moe-grouped-gemm."""
+    tp = args.target_tensor_parallel_size
+    if args.expert_tensor_parallel_size not in (None, tp):
+        raise ConfigError(
+            f"--expert-tensor-parallel-size {args.expert_tensor_parallel_size} differs from "
+            f"--target-tensor-parallel-size {tp}; only experts split like the dense layers are supported "
+            "(leave --expert-tensor-parallel-size out)"
+        )
     return McoreLayout.build(
-        config, args.target_tensor_parallel_size, args.target_pipeline_parallel_size, args.num_layer_list
+        config, tp, args.target_pipeline_parallel_size, args.num_layer_list, args.target_expert_parallel_size,
+        args.moe_grouped_gemm,
     )
 
 
 def _describe(layout: McoreLayout) -> str:
-    return f"TP={layout.tp}, PP={layout.pp}, layers per stage {list(layout.stage_layers)}"
+    kind = "grouped-GEMM" if layout.grouped else "sequential"
+    experts = f", EP={layout.ep}, {kind} experts" if layout.ep > 1 or layout.grouped else ""
+    return f"TP={layout.tp}, PP={layout.pp}{experts}, layers per stage {list(layout.stage_layers)}"
+
+
+def _read_hf_config(args: argparse.Namespace, directory: Path) -> Qwen3Config:
+    """`directory`'s config.json, checked against --model-type-hf when given (else its model_type decides)."""
+    config = Qwen3Config.from_pretrained(directory)
+    expected = HF_MODEL_TYPES.get(args.model_type_hf) if args.model_type_hf is not None else None
+    if expected is not None and type(config) is not expected:
+        raise ConfigError(
+            f"--model-type-hf {args.model_type_hf} but {directory / 'config.json'} describes a {config.MODEL_TYPE} "
+            f"model; pass --model-type-hf {next(k for k, v in HF_MODEL_TYPES.items() if v is type(config))} "
+            "or leave it out"
+        )
+    return config
 
 
 def _hf_to_mg(args: argparse.Namespace, dtype: torch.dtype | None, progress: ProgressPrinter) -> Path:
-    config = Qwen3Config.from_pretrained(args.load_dir)
+    config = _read_hf_config(args, args.load_dir)
     layout = _target_layout(args, config)
     check_output_dir(args.save_dir)
     print(f"hf -> mg: {args.load_dir} -> {args.save_dir} ({_describe(layout)})", file=sys.stderr)
@@ -138,7 +169,7 @@ def _write_hf(
 def _mg_to_hf(args: argparse.Namespace, dtype: torch.dtype | None, progress: ProgressPrinter) -> Path:
     source = _config_source(args)
     check_output_dir(args.save_dir)
-    given = Qwen3Config.from_pretrained(source) if source is not None else None
+    given = _read_hf_config(args, source) if source is not None else None
     config, iteration, tensors = iter_mcore_as_hf(args.load_dir, given, progress)
     print(f"mg -> hf: {args.load_dir} (iteration {iteration}) -> {args.save_dir}", file=sys.stderr)
     return _write_hf(tensors, config, dtype, args.save_dir, hf_side_files(source) if source is not None else [])
@@ -147,7 +178,7 @@ def _mg_to_hf(args: argparse.Namespace, dtype: torch.dtype | None, progress: Pro
 def _mg_to_mg(args: argparse.Namespace, dtype: torch.dtype | None, progress: ProgressPrinter) -> Path:
     source = _config_source(args)
     check_output_dir(args.save_dir)
-    given = Qwen3Config.from_pretrained(source) if source is not None else None
+    given = _read_hf_config(args, source) if source is not None else None
     config, iteration, tensors = iter_mcore_as_hf(args.load_dir, given)
     layout = _target_layout(args, config)
     print(f"mg -> mg: {args.load_dir} -> {args.save_dir} ({_describe(layout)})", file=sys.stderr)
@@ -183,10 +214,11 @@ def _native_side_files(args: argparse.Namespace, saved_config: dict[str, Any], c
         raise ConfigError(f"--hf-cfg-dir {args.hf_cfg_dir} does not exist; point it at the HF model directory")
     if (args.hf_cfg_dir / "config.json").is_file():
         given = Qwen3Config.from_pretrained(args.hf_cfg_dir)
+        fields = ("MODEL_TYPE", *_SHAPE_FIELDS, *(_MOE_SHAPE_FIELDS if isinstance(config, Qwen3MoeConfig) else ()))
         differ = [
-            f"{n} {getattr(given, n)} != {getattr(config, n)}"
-            for n in _SHAPE_FIELDS
-            if getattr(given, n) != getattr(config, n)
+            f"{n} {getattr(given, n, None)} != {getattr(config, n)}"
+            for n in fields
+            if getattr(given, n, None) != getattr(config, n)
         ]
         if differ:
             raise ConfigError(
@@ -226,7 +258,8 @@ def _native_to_mg(args: argparse.Namespace, dtype: torch.dtype | None, progress:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qwen3-pretrain convert",
-        description="Convert Qwen3 checkpoints between HF safetensors and Megatron/MindSpeed mcore (any TP/PP split); "
+        description="Convert Qwen3 and Qwen3-MoE checkpoints between HF safetensors and Megatron/MindSpeed mcore "
+                    "(any TP/PP/EP split); "
                     "also write a qwen3-pretrain train checkpoint (native) as either.",
     )
     parser.add_argument("--load-model-type", choices=("hf", "mg", "native"), required=True,
@@ -241,9 +274,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--target-pipeline-parallel-size", type=int, default=1, help="PP size of mg output (default: 1)"
     )
     parser.add_argument("--num-layer-list", default=None, help="layers per pipeline stage of mg output, e.g. 6,8,8,6")
+    parser.add_argument("--target-expert-parallel-size", type=int, default=1,
+                        help="EP size of mg output for a MoE model: experts split over EP ranks (default: 1)")
+    parser.add_argument("--expert-tensor-parallel-size", type=int, default=None,
+                        help="TP size of the experts in mg output; only the default (= --target-tensor-parallel-size)")
+    parser.add_argument("--moe-grouped-gemm", action="store_true",
+                        help="mg output of a MoE model in the legacy grouped-GEMM expert layout "
+                             "(mlp.experts.weight1/weight2) instead of sequential local experts; mg input's layout "
+                             "is read from its files")
     parser.add_argument("--params-dtype", choices=tuple(PARAMS_DTYPES), default=None,
                         help="cast weights to this dtype (default: keep the stored dtype)")
-    parser.add_argument("--model-type-hf", choices=("qwen3",), default="qwen3", help="HF architecture (dense Qwen3)")
+    parser.add_argument("--model-type-hf", choices=tuple(HF_MODEL_TYPES), default=None,
+                        help="HF architecture, checked against config.json's model_type (default: what config.json "
+                             "says): qwen3 (dense) or qwen3-moe")
     parser.add_argument("--hf-cfg-dir", type=Path, default=None,
                         help="mg -> hf: HF directory whose config.json and tokenizer files describe the model "
                              "(default: the hf_config/ saved in the mcore checkpoint, else the checkpoint's args); "

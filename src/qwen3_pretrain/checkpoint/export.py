@@ -24,7 +24,7 @@ from qwen3_pretrain.checkpoint.native import (
     replace_directory,
     resolve_checkpoint_dir,
 )
-from qwen3_pretrain.config.model import ConfigError, Qwen3Config
+from qwen3_pretrain.config.model import ConfigError, Qwen3Config, Qwen3MoeConfig
 from qwen3_pretrain.model.qwen3 import EMBED_KEY, LM_HEAD_KEY, Qwen3ForCausalLM
 
 TOKENIZER_FILES = (
@@ -36,16 +36,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def qwen3_config_from_saved(config: dict[str, Any], source: Path) -> Qwen3Config:
-    """The Qwen3Config recorded in a saved run configuration (its `model` section)."""
+    """The Qwen3Config (a Qwen3MoeConfig when the section has MoE fields) recorded in a saved run configuration
+    (its `model` section)."""
     model = config.get("model")
     if not isinstance(model, dict):
         raise CheckpointError(
             f"{source} has no 'model' section with Qwen3Config fields (hidden_size, num_hidden_layers, ...); "
             "the checkpoint was not written by qwen3-pretrain train"
         )
-    names = {field.name for field in dataclasses.fields(Qwen3Config)}
+    kind = Qwen3MoeConfig if "num_experts" in model else Qwen3Config
+    names = {field.name for field in dataclasses.fields(kind)}
     try:
-        return Qwen3Config(**{key: value for key, value in model.items() if key in names})
+        return kind(**{key: value for key, value in model.items() if key in names})
     except (ConfigError, TypeError) as exc:
         raise CheckpointError(f"{source}: the saved model configuration is invalid ({exc})") from exc
 

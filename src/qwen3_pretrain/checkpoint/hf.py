@@ -9,7 +9,14 @@ Writing holds at most one shard in memory, builds every file under a temporary d
 target and moves the files in place with the file that makes the checkpoint look complete
 (`model.safetensors` or the index) moved last.
 
-`load_pretrained` and `save_pretrained` do both for a whole `Qwen3ForCausalLM` and its config.json.
+`load_pretrained` and `save_pretrained` do both for a whole `Qwen3ForCausalLM` and its config.json, dense or
+Qwen3-MoE (config.json's model_type picks). The stacked experts of a MoE layer ([E, 2 ffn, hidden] and
+[E, hidden, ffn] in memory) are read and written under HF's per-expert names
+(`model.layers.L.mlp.experts.{i}.gate_proj/up_proj/down_proj.weight`, router `model.layers.L.mlp.gate.weight`)
+through `Qwen3ForCausalLM.hf_state_dict`, whose per-expert entries are views of the stacked parameters: loading
+copies each tensor into its slice as it streams by, saving writes one expert's matrix at a time. For streams of
+named tensors, `stack_experts` turns the per-expert names into the stacked parameters (one layer held at a
+time) and `unstack_experts` does the reverse.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -31,7 +39,7 @@ from typing import Any, NamedTuple
 import torch
 from safetensors.torch import save_file
 
-from qwen3_pretrain.config.model import Qwen3Config
+from qwen3_pretrain.config.model import Qwen3Config, Qwen3MoeConfig
 from qwen3_pretrain.model.kernels import DEFAULT_KERNELS, KernelOptions
 from qwen3_pretrain.model.qwen3 import EMBED_KEY, LM_HEAD_KEY, Qwen3ForCausalLM, copy_named_tensors
 
@@ -297,6 +305,64 @@ def save_hf_state_dict(
         shutil.rmtree(staging, ignore_errors=True)
 
 
+# ---- MoE experts: HF's per-expert tensors <-> the model's stacked parameters ------------------------------
+
+_EXPERT_NAME = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_STACKED_NAME = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+
+
+def stack_experts(
+    tensors: Iterable[tuple[str, torch.Tensor]], config: Qwen3Config
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF's per-expert tensors -> the stacked parameters `...mlp.experts.gate_up_proj` [E, 2F, H] (per expert
+    cat(gate, up)) and `.down_proj` [E, H, F]; other tensors pass through.
+
+    Each stacked tensor is filled in place as its experts stream by and yielded once complete, so a stream in
+    layer order holds one layer's experts. A tensor that does not fit (expert index, shape) passes through
+    unchanged, for the consumer to report; an incomplete one is never yielded (the consumer reports it missing).
+    """
+    experts = config.num_experts if isinstance(config, Qwen3MoeConfig) else 0
+    filling: dict[str, tuple[torch.Tensor, set[tuple[int, str]]]] = {}
+    for name, tensor in tensors:
+        match = _EXPERT_NAME.match(name)
+        if match is None or int(match.group(2)) >= experts or tensor.dim() != 2:
+            yield name, tensor
+            continue
+        prefix, index, kind = match.group(1), int(match.group(2)), match.group(3)
+        down = kind == "down_proj"
+        stacked_name = f"{prefix}.{'down_proj' if down else 'gate_up_proj'}"
+        if stacked_name not in filling:
+            rows, cols = tensor.shape
+            filling[stacked_name] = (tensor.new_empty(experts, rows if down else 2 * rows, cols), set())
+        stacked, seen = filling[stacked_name]
+        slot = stacked[index] if down else stacked[index].chunk(2)[kind == "up_proj"]  # [H, F] or [F, H]
+        if slot.shape != tensor.shape or (index, kind) in seen:
+            yield name, tensor
+            continue
+        slot.copy_(tensor)
+        seen.add((index, kind))
+        if len(seen) == experts * (1 if down else 2):
+            yield stacked_name, filling.pop(stacked_name)[0]
+
+
+def unstack_experts(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The stacked expert parameters -> HF's per-expert tensors (views, gate and up of each expert before the
+    down projections); other tensors pass through."""
+    for name, tensor in tensors:
+        match = _STACKED_NAME.match(name)
+        if match is None:
+            yield name, tensor
+            continue
+        prefix, kind = match.groups()
+        for index, expert in enumerate(tensor):
+            if kind == "down_proj":
+                yield f"{prefix}.{index}.down_proj.weight", expert  # [H, F]
+            else:
+                gate, up = expert.chunk(2)  # [2F, H] -> [F, H] each
+                yield f"{prefix}.{index}.gate_proj.weight", gate
+                yield f"{prefix}.{index}.up_proj.weight", up
+
+
 # ---- a whole Qwen3ForCausalLM ---------------------------------------------------------------------
 
 
@@ -306,7 +372,7 @@ def load_pretrained(
     device: str | torch.device = "cpu",
     kernels: KernelOptions = DEFAULT_KERNELS,
 ) -> Qwen3ForCausalLM:
-    """Load an HF Qwen3 directory (config.json + single or sharded safetensors) as a model running `kernels`.
+    """Load an HF Qwen3 or Qwen3-MoE directory (config.json + single or sharded safetensors) running `kernels`.
 
     dtype None means the config's `torch_dtype`. Builds on meta and copies one tensor at a time.
     Keys must match exactly (HFCheckpointError lists missing/unexpected ones), except that a tied

@@ -3,7 +3,8 @@
 and loads itself into a model of any parallel layout.
 
 A native checkpoint `resumes` a run: it also restores the optimizer, the LR schedule, the RNGs and
-returns the trainer's saved state. HF and mcore checkpoints give initial weights only.
+returns the trainer's saved state. HF and mcore checkpoints give initial weights only; they stream in layer
+order, a MoE layer's per-expert tensors stacked into the model's expert parameters one layer at a time.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import torch
 from torch import nn
 
 from qwen3_pretrain.checkpoint.export import qwen3_config_from_saved
-from qwen3_pretrain.checkpoint.hf import iter_hf_tensors
-from qwen3_pretrain.checkpoint.mcore import is_mcore_checkpoint, iter_mcore_as_hf
+from qwen3_pretrain.checkpoint.hf import iter_hf_tensors, stack_experts
+from qwen3_pretrain.checkpoint.mcore import hf_tensor_shapes, is_mcore_checkpoint, iter_mcore_as_hf
 from qwen3_pretrain.checkpoint.native import (
     ITER_DIR_PATTERN,
     CheckpointError,
@@ -87,7 +88,9 @@ class HFSource(CheckpointSource):
     def load_into(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                   scheduler: Stateful | None = None, load_rng: bool = False,
                   held_elsewhere: Collection[str] = ()) -> None:
-        load_full_weights(model, iter_hf_tensors(self.path, torch.float32), f"--load {self.path}", held_elsewhere)
+        config = self.model_config()
+        tensors = iter_hf_tensors(self.path, torch.float32, order=list(hf_tensor_shapes(config)))
+        load_full_weights(model, stack_experts(tensors, config), f"--load {self.path}", held_elsewhere)
 
 
 class McoreSource(CheckpointSource):
@@ -102,7 +105,7 @@ class McoreSource(CheckpointSource):
                   held_elsewhere: Collection[str] = ()) -> None:
         config: Qwen3Config = model.config  # type: ignore[assignment]  # Qwen3ForCausalLM or its stages' view
         _, _, tensors = iter_mcore_as_hf(self.path, config=config)
-        load_full_weights(model, tensors, f"--load {self.path}", held_elsewhere)
+        load_full_weights(model, stack_experts(tensors, config), f"--load {self.path}", held_elsewhere)
 
 
 class NativeSource(CheckpointSource):
