@@ -88,12 +88,14 @@ def main() -> None:
         "--save-interval", str(args.save_interval),
     ]
     runs: dict[str, dict[str, Any]] = {}
+    size = 0
     try:
         for mode in ("sync", "async"):
             flags = [*base, "--save", str(workdir / mode), *(["--async-save"] if mode == "async" else [])]
             runs[mode] = timed_run(flags)
-        saved = workdir / "sync" / iteration_dir_name(args.save_interval)
-        size = sum(p.stat().st_size for p in saved.rglob("*") if p.is_file())
+            saved = workdir / mode / iteration_dir_name(args.save_interval)
+            size = sum(p.stat().st_size for p in saved.rglob("*") if p.is_file())
+            shutil.rmtree(workdir / mode)  # one mode's checkpoints on disk at a time (big presets on small disks)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     same = runs["sync"].pop("losses") == runs["async"].pop("losses")

@@ -24,13 +24,15 @@ shares of that time in matmuls, attention, the optimizer and the rest (`op_categ
 
     PYTHONPATH=src python benchmarks/train_throughput.py [--model qwen3-bench] [--seq-length 512]
         [--micro-batch-size 1] [--accumulation 1] [--iters 10] [--warmup 2] [--dtype fp32|bf16|both] [--compile]
-        [--recompute full|selective] [--attention-backend auto|flash|fused|efficient|unfused] [--skip-hf]
+        [--recompute full|selective] [--attention-backend auto|flash|fused|efficient|unfused]
+        [--fp8-format e4m3|hybrid [--fp8-recipe tensorwise|rowwise]] [--skip-hf]
         [--profile DIR] [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import importlib.metadata
 import itertools
@@ -49,7 +51,8 @@ from typing import Any
 
 import torch
 
-from qwen3_pretrain.config.model import get_preset
+from qwen3_pretrain.config.fp8 import FP8_FORMATS, FP8_RECIPES
+from qwen3_pretrain.config.model import Qwen3Config, Qwen3MoeConfig, get_preset
 from qwen3_pretrain.data.gpt_dataset import build_gpt_datasets
 from qwen3_pretrain.data.indexed import IndexedDatasetWriter, best_dtype
 from qwen3_pretrain.data.loader import build_pretraining_loader
@@ -73,6 +76,8 @@ Batch = dict[str, torch.Tensor]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="qwen3-bench", help="model preset (default: qwen3-bench)")
+    parser.add_argument("--num-layers", type=int, default=None,
+                        help="decoder layers instead of the preset's (e.g. an MoE preset cut to fit one device)")
     parser.add_argument("--seq-length", type=int, default=512)
     parser.add_argument("--micro-batch-size", type=int, default=1)
     parser.add_argument("--accumulation", type=int, default=1,
@@ -85,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ours: --recompute-granularity; HF: gradient checkpointing")
     parser.add_argument("--attention-backend", choices=tuple(kernels.ATTENTION_BACKENDS), default="auto",
                         help="ours: the SDPA kernel tried first (HF keeps torch's order)")
+    parser.add_argument("--fp8-format", choices=FP8_FORMATS, default=None,
+                        help="ours: FP8 block linears (torchao float8; needs --dtype bf16); HF stays bf16")
+    parser.add_argument("--fp8-recipe", choices=FP8_RECIPES, default="tensorwise", help="ours: with --fp8-format")
     parser.add_argument("--skip-hf", action="store_true", help="run only our trainer")
     parser.add_argument("--matmul-size", type=int, default=None,
                         help="largest side of the square matmul for the peak "
@@ -103,11 +111,23 @@ def check_args(args: argparse.Namespace) -> None:
     for flag in ("seq_length", "micro_batch_size", "accumulation", "iters"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.num_layers is not None and args.num_layers < 1:
+        raise SystemExit(f"--num-layers must be >= 1, got {args.num_layers}")
     if args.threads is not None and args.threads < 1:
         raise SystemExit(f"--threads must be >= 1, got {args.threads}")
     if args.warmup < 0:
         raise SystemExit(f"--warmup must be >= 0, got {args.warmup}")
-    get_preset(args.model)  # ConfigError names the presets
+    if args.fp8_format and args.dtype != "bf16":
+        raise SystemExit(f"--fp8-format needs --dtype bf16, got {args.dtype}")
+    if isinstance(bench_config(args), Qwen3MoeConfig) and not args.skip_hf and args.worker is None:  # names presets
+        raise SystemExit(f"{args.model} is a mixture-of-experts preset: the HF side here is the dense Qwen3, so pass "
+                         "--skip-hf (benchmarks/moe.py compares MoE with transformers' Qwen3MoeForCausalLM)")
+
+
+def bench_config(args: argparse.Namespace) -> Qwen3Config:
+    """The preset, with `--num-layers` decoder layers when given (a big model cut to fit one device)."""
+    config = get_preset(args.model)
+    return dataclasses.replace(config, num_hidden_layers=args.num_layers) if args.num_layers else config
 
 
 def num_steps(args: argparse.Namespace) -> int:
@@ -123,7 +143,7 @@ def num_micro_batches(args: argparse.Namespace) -> int:
 
 def write_mock_dataset(folder: Path, args: argparse.Namespace) -> str:
     """MockGPTDataset windows as documents of a Megatron .bin/.idx, so the trainer reads them with --data-path."""
-    vocab = get_preset(args.model).vocab_size
+    vocab = bench_config(args).vocab_size
     samples = num_micro_batches(args) * args.micro_batch_size
     mock = MockGPTDataset(samples, args.seq_length, vocab, seed=SEED)
     prefix = str(folder / PREFIX_NAME)
@@ -154,6 +174,10 @@ def trainer_flags(args: argparse.Namespace, dtype: str) -> list[str]:
     flags += ["--attention-backend", args.attention_backend]
     if args.compile:
         flags.append("--compile")
+    if args.fp8_format:
+        flags += ["--fp8-format", args.fp8_format, "--fp8-recipe", args.fp8_recipe]
+    if args.num_layers:
+        flags += ["--num-layers", str(args.num_layers)]
     return flags
 
 
@@ -179,7 +203,7 @@ def profiled_step_batches(args: argparse.Namespace, device: torch.device) -> lis
     """
     timed = num_micro_batches(args) * args.micro_batch_size
     mock = MockGPTDataset(timed + args.accumulation * args.micro_batch_size, args.seq_length,
-                          get_preset(args.model).vocab_size, seed=SEED)
+                          bench_config(args).vocab_size, seed=SEED)
     return step_batches(mock, args, device, steps=1, first_sample=timed)[0]
 
 
@@ -212,7 +236,7 @@ def hf_step(args: argparse.Namespace, dtype: str) -> tuple[Callable[[list[Batch]
     from qwen3_pretrain.train.trainer import Trainer
 
     transformers.logging.set_verbosity_error()
-    ours_only = {"compile": False, "recompute": None, "attention_backend": "auto"}
+    ours_only = {"compile": False, "recompute": None, "attention_backend": "auto", "fp8_format": None}
     flags = trainer_flags(argparse.Namespace(**{**vars(args), **ours_only}), "fp32")
     config = prepare(flags, world_size=1)
     env = init_parallel(1, 1)
@@ -310,7 +334,7 @@ PROFILE_CATEGORIES = ("matmul", "attention", "optimizer", "other")
 _CATEGORY_NAMES = {  # checked in this order: cutlass also builds attention kernels (fmha_cutlass*)
     "attention": ("flash", "fmha", "efficient_attention", "sdpa", "scaled_dot_product"),
     "optimizer": ("adam", "foreach", "multi_tensor_apply"),
-    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear",
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::_scaled_mm",
                "gemm", "cutlass", "xmma", "nvjet", "cublas"),
 }
 
@@ -320,7 +344,7 @@ def op_category(name: str) -> str:
 
     attention: flash / memory-efficient / cuDNN SDPA ops and kernels; optimizer: AdamW (fused or not)
     and the foreach ops of gradient clipping (CUDA: multi_tensor_apply kernels); matmul: aten::mm,
-    addmm, bmm, matmul, linear (CPU) and GEMM kernels (gemm, cutlass, xmma, nvjet, cublas); the rest:
+    addmm, bmm, matmul, linear, _scaled_mm (FP8) and GEMM kernels (gemm, cutlass, xmma, nvjet, cublas); the rest:
     other. A kernel whose name hides what it does (e.g. an inductor-generated triton matmul) lands in other.
     """
     lowered = name.lower()
@@ -347,8 +371,8 @@ def self_time_shares(events: Iterable[Any], time_key: str, device_only: bool) ->
 
 
 def profile_step(step: Callable[[list[Batch]], torch.Tensor], batches: list[Batch], folder: Path,
-                 dtype: str) -> dict[str, Any]:
-    """Run one step under `torch.profiler`; write its top 40 ops to folder/profile_ours_<dtype>.txt.
+                 label: str) -> dict[str, Any]:
+    """Run one step under `torch.profiler`; write its top 40 ops to folder/profile_<label>.txt.
 
     Returns the step's total self time (device kernels on CUDA; CPU ops on CPU and NPU, whose device
     profiler is left out) and its shares by `op_category`, or {"error": ...} if profiling failed.
@@ -356,7 +380,7 @@ def profile_step(step: Callable[[list[Batch]], torch.Tensor], batches: list[Batc
     on_cuda = device_type() == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_cuda else [])
     time_key = "self_device_time_total" if on_cuda else "self_cpu_time_total"
-    path = folder / f"profile_ours_{dtype}.txt"
+    path = folder / f"profile_{label}.txt"
     try:
         with torch.profiler.profile(activities=activities) as prof:
             step(batches)
@@ -396,7 +420,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     if args.profile and args.worker == "ours":
         print(f"{label} profiling one more step", file=sys.stderr, flush=True)
         batches = profiled_step_batches(args, local_device())
-        result["profile"] = profile_step(step, batches, Path(args.profile), dtype)
+        result["profile"] = profile_step(step, batches, Path(args.profile), f"ours_{dtype}")
     return result
 
 
@@ -421,8 +445,12 @@ def forwarded_flags(args: argparse.Namespace) -> list[str]:
     if args.recompute:
         flags += ["--recompute", args.recompute]
     flags += ["--attention-backend", args.attention_backend]
+    if args.fp8_format:
+        flags += ["--fp8-format", args.fp8_format, "--fp8-recipe", args.fp8_recipe]
     if args.threads:
         flags += ["--threads", str(args.threads)]
+    if args.num_layers:
+        flags += ["--num-layers", str(args.num_layers)]
     if args.profile:  # the HF worker ignores it
         flags += ["--profile", args.profile]
     return flags
@@ -457,7 +485,7 @@ def summarize(raw: dict[str, Any], args: argparse.Namespace, peaks: dict[str, fl
     the profiled self time over the timed step time (`of_timed_step`: on CUDA below 1 by the GPU's idle time)."""
     if "error" in raw:
         return raw
-    config = get_preset(args.model)
+    config = bench_config(args)
     tokens_per_s = args.iters * args.accumulation * args.micro_batch_size * args.seq_length / raw["seconds"]
     tflops = tokens_per_s * config.flops_per_token(args.seq_length) / 1e12
     ms_per_iter = raw["seconds"] / args.iters * 1000
@@ -494,7 +522,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"model {c['model']} ({c['num_parameters'] / 1e6:.1f}M params, {c['flops_per_token'] / 1e9:.3f} GFLOP/token), "
         f"seq {c['seq_length']}, micro batch {c['micro_batch_size']} x {c['accumulation']} per step, "
         f"{c['iters']} timed + {c['warmup']} warmup "
-        f"iterations, compile {c['compile']}, recompute {c['recompute']}, attention {c['attention_backend']}",
+        f"iterations, compile {c['compile']}, recompute {c['recompute']}, attention {c['attention_backend']}, "
+        f"fp8 {c.get('fp8')}",
         "measured matmul peak: " + ", ".join(
             f"{k} {v:.3f} TFLOP/s (n={report['matmul_size'][k]})" for k, v in report["peak_tflops"].items()
         )
@@ -550,7 +579,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     peaks = {d: tflops for d, (tflops, _) in measured.items()}
     spec_peak = device_peak_tflops(local_device(), torch.bfloat16)
     impls = ["ours"] if args.skip_hf else list(IMPLEMENTATIONS)
-    config = get_preset(args.model)
+    config = bench_config(args)
     with tempfile.TemporaryDirectory(prefix="qwen3-bench-") as folder:
         prefix = write_mock_dataset(Path(folder), args)
         results = [
@@ -566,10 +595,12 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "command": shlex.join([sys.executable, *sys.argv]),
         "machine": machine_info(),
         "config": {
-            "model": args.model, "seq_length": args.seq_length, "micro_batch_size": args.micro_batch_size,
+            "model": args.model, "num_layers": bench_config(args).num_hidden_layers, "seq_length": args.seq_length,
+            "micro_batch_size": args.micro_batch_size,
             "accumulation": args.accumulation,
             "iters": args.iters, "warmup": args.warmup, "compile": args.compile, "recompute": args.recompute,
             "attention_backend": args.attention_backend,
+            "fp8": f"{args.fp8_format} {args.fp8_recipe}" if args.fp8_format else None,
             "threads": args.threads, "profile": args.profile,
             "num_parameters": config.num_parameters(), "flops_per_token": config.flops_per_token(args.seq_length),
         },

@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
@@ -52,7 +53,8 @@ def bench() -> ModuleType:
 
 def run_gpu_script(out: Path, **env: str) -> subprocess.CompletedProcess[str]:
     """benchmarks/gpu_1p7b.sh in its CPU mode with this interpreter, results in `out`."""
-    env = {**os.environ, "BENCH_CPU": "1", "PYTHON": sys.executable, "OUT": str(out), "WITH_HF": "0", **env}
+    env = {**os.environ, "BENCH_CPU": "1", "PYTHON": sys.executable, "OUT": str(out), "WITH_HF": "0", "PACK": "0",
+           "FP8_RUNS": "none", "TORCHTITAN": "0", **env}
     return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_1p7b.sh")], env=env, capture_output=True,
                           text=True, timeout=300, check=False)
 
@@ -128,7 +130,7 @@ def test_profiled_step_reads_the_mock_samples_after_the_timed_ones(bench: Module
 def test_op_category_names_cpu_ops_and_cuda_kernels(bench: ModuleType) -> None:
     op_category = bench.op_category
     names = {
-        "matmul": ["aten::mm", "aten::addmm", "aten::bmm", "nvjet_tst_128x192_64x4_2x1_v_bz_TNT",
+        "matmul": ["aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_mm", "nvjet_tst_128x192_64x4_2x1_v_bz_TNT",
                    "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_cublas",
                    "void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_64x4_nn_align8>"],
         "attention": ["aten::_scaled_dot_product_flash_attention_for_cpu", "fmha_cutlassF_bf16_aligned_64x128_rf_sm80",
@@ -178,12 +180,42 @@ def test_gpu_script_on_cpu_compares_micro_batches_at_equal_samples_per_step(tmp_
     assert "matmul    attn   optim   other    busy" in proc.stdout
 
 
-@pytest.mark.parametrize(("configs", "message"), [
-    ("1:none:eager 3:none:eager", "CONFIGS entry 3:none:eager: micro batch 3 does not divide SAMPLES_PER_STEP=4"),
-    ("1:none:eager:fa3", "CONFIGS entry 1:none:eager:fa3: the fourth field must be auto, flash, fused, efficient"),
+def test_gpu_script_on_cpu_puts_ours_bf16_fp8_and_torchtitan_side_by_side_in_three_files(tmp_path: Path) -> None:
+    proc = run_gpu_script(tmp_path, ITERS="1", WARMUP="0", CONFIGS="1:none:eager 2:none:eager", SAVE_PRESET="none",
+                          FP8_RUNS="hybrid:tensorwise", TORCHTITAN="1", PACK="1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["details.tar.gz", "gpu_1p7b.log", "summary.json"]
+    with tarfile.open(tmp_path / "details.tar.gz") as packed:
+        names = set(packed.getnames())
+    assert {"config_1.json", "config_2.json", "fp8_hybrid_tensorwise.json",
+            "profile_fp8_hybrid_tensorwise/profile_ours_bf16.txt"} <= names
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    runs = {row["run"]: row for row in summary["side_by_side"]}
+    assert list(runs) == [f"ours bf16 {summary['best']}", "ours fp8 hybrid tensorwise", "torchtitan bf16"]
+    assert runs[f"ours bf16 {summary['best']}"]["x_ours_bf16"] == 1.0
+    fp8 = runs["ours fp8 hybrid tensorwise"]
+    assert fp8["error"] is None and fp8["tokens_per_s"] > 0
+    assert sum(fp8["profile"]["shares"].values()) == pytest.approx(1)
+    titan = runs["torchtitan bf16"]
+    if importlib.util.find_spec("torchtitan") is None:  # the bench extra is not a test dependency
+        assert "torchtitan skipped: it does not import here" in proc.stdout and titan["error"]
+    else:
+        assert titan["error"] is None and titan["tokens_per_s"] > 0 and "torchtitan.json" in names
+        assert fp8["x_torchtitan"] == pytest.approx(fp8["tokens_per_s"] / titan["tokens_per_s"])
+    assert "Side by side at the best bf16 configuration's settings" in proc.stdout
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"CONFIGS": "1:none:eager 3:none:eager"},
+     "CONFIGS entry 3:none:eager: micro batch 3 does not divide SAMPLES_PER_STEP=4"),
+    ({"CONFIGS": "1:none:eager:fa3"},
+     "CONFIGS entry 1:none:eager:fa3: the fourth field must be auto, flash, fused, efficient"),
+    ({"CONFIGS": "1:none:eager", "FP8_RUNS": "hybrid:delayed"},
+     "FP8_RUNS entry hybrid:delayed: use FORMAT:RECIPE with FORMAT e4m3|hybrid and RECIPE tensorwise|rowwise"),
 ])
-def test_gpu_script_rejects_a_bad_configuration_before_any_run(tmp_path: Path, configs: str, message: str) -> None:
-    proc = run_gpu_script(tmp_path / "out", CONFIGS=configs, SAMPLES_PER_STEP="4")
+def test_gpu_script_rejects_a_bad_configuration_before_any_run(tmp_path: Path, env: dict[str, str],
+                                                                message: str) -> None:
+    proc = run_gpu_script(tmp_path / "out", SAMPLES_PER_STEP="4", **env)
     assert proc.returncode == 2
     assert message in proc.stderr
     assert not (tmp_path / "out").exists()  # checked before any run

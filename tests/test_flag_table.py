@@ -72,12 +72,15 @@ def test_speed_only_flags_are_accepted_with_their_values_and_listed() -> None:
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--moe-router-topk", "8"], r"--moe-router-topk is not supported by qwen3-pretrain: mixture-of-experts"),
-        (["--fp8-format", "hybrid"], r"--fp8-format is not supported by qwen3-pretrain: FP8"),
+        (["--moe-expert-capacity-factor", "1.0"], r"--moe-expert-capacity-factor is not supported by qwen3-pretrain: "
+                                                  r"Qwen3-MoE is dropless"),
+        (["--moe-z-loss-coeff", "0.001"], r"--moe-z-loss-coeff is not supported by qwen3-pretrain: not part of"),
+        (["--moe-shared-expert-intermediate-size", "64"], r"Qwen3-MoE has no shared experts"),
+        (["--fp8-amax-history-len", "1024"], r"--fp8-amax-history-len is not supported by qwen3-pretrain: an FP8"),
         (["--add-qkv-bias"], r"--add-qkv-bias is not supported by qwen3-pretrain: configures an architecture"),
         (["--normalization", "LayerNorm"], r"--normalization LayerNorm is not supported: Qwen3 uses RMSNorm"),
         (["--transformer-impl"], r"--transformer-impl expects 1 value"),
-        (["--context-parallel-size", "2"], r"--context-parallel-size 2: context parallelism is not implemented"),
+        (["--context-parallel-size", "2"], r"not divisible by .* x --context-parallel-size 2"),
         (["--model-type-hf", "llama2"], r"--model-type-hf llama2: qwen3-pretrain trains qwen3"),
         (["--mock-data"], r"give only one of --data-path and --mock-data"),
         (["--ckpt-format", "torch_dist"], r"--ckpt-format torch_dist: Megatron's distributed-checkpoint layout"),
@@ -93,8 +96,8 @@ def test_recipes_take_the_same_table(tmp_path: Path) -> None:
     recipe.write_text("use-flash-attn: true\nnormalization: RMSNorm\nseq-length: 32\n")
     values, ignored = load_recipe(recipe)
     assert values == {"seq_length": 32} and ignored == ["--use-flash-attn", "--normalization"]
-    recipe.write_text("moe-router-topk: 8\n")
-    with pytest.raises(ConfigError, match=r"recipe.yaml: --moe-router-topk is not supported"):
+    recipe.write_text("moe-z-loss-coeff: 0.001\n")
+    with pytest.raises(ConfigError, match=r"recipe.yaml: --moe-z-loss-coeff is not supported"):
         load_recipe(recipe)
 
 

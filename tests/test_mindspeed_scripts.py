@@ -1,5 +1,6 @@
 """MindSpeed-LLM users' scripts run with only the program name changed: our own copies of the structure and flag
-sets of its Qwen3 data, conversion and (every dense size's) pretraining scripts, shrunk, run end to end."""
+sets of its Qwen3 data, conversion and (every dense size's and the 30B-A3B MoE one's) pretraining scripts, shrunk,
+run end to end."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 
 from qwen3_pretrain.checkpoint.hf import iter_hf_tensors, save_pretrained
 from qwen3_pretrain.checkpoint.mcore import iter_mcore_as_hf
-from qwen3_pretrain.config import get_preset
+from qwen3_pretrain.config import Qwen3MoeConfig, get_preset
 from qwen3_pretrain.data.indexed import IndexedDataset
 from qwen3_pretrain.demo_corpus import write_corpus_parquet
 from qwen3_pretrain.model import Qwen3ForCausalLM
@@ -24,7 +25,8 @@ from qwen3_pretrain.model import Qwen3ForCausalLM
 from distributed_helpers import free_port
 
 SCRIPTS = Path(__file__).resolve().parent / "mindspeed_scripts"
-PRETRAIN = sorted(SCRIPTS.glob("pretrain_qwen3_*_4K_ptd*.sh"))
+MOE_PRETRAIN = SCRIPTS / "pretrain_qwen3_30b_a3b_4K_ptd.sh"
+PRETRAIN = sorted(set(SCRIPTS.glob("pretrain_qwen3_*_4K_ptd*.sh")) - {MOE_PRETRAIN})
 PROGRAM = str(Path(sys.executable).with_name("qwen3-pretrain"))
 LINE = re.compile(r"iteration +(\d+)/ +3 \| consumed samples: +\d+ .* lm loss: (\S+) \|")
 # The scripts' shrunk model: 4 layers x 64 hidden, GQA 4/2 heads of 16, the real Qwen3 vocabulary.
@@ -90,3 +92,27 @@ def test_mindspeed_pretrain_script_runs_unchanged(script: Path, workspace: dict[
     config, iteration, tensors = iter_mcore_as_hf(save)  # --ckpt-format torch: Megatron's files are there too
     assert iteration == 3 and config.num_hidden_layers == 4 and config.tie_word_embeddings is not untied
     assert all(t.dtype == torch.bfloat16 for _, t in tensors)
+
+
+def test_mindspeed_moe_pretrain_script_runs_unchanged(workspace: dict[str, Path], tmp_path: Path) -> None:
+    """The 30B-A3B script's flags (alltoall_seq dispatcher, --moe-layer-freq -1, --first-k-dense-replace -1,
+    --norm-topk-prob, ...) at PP 2 x EP 2 from HF Qwen3-MoE weights of its shape."""
+    moe = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True}
+    config = Qwen3MoeConfig(**(SHAPE | moe), tie_word_embeddings=False)
+    torch.manual_seed(0)
+    save_pretrained(Qwen3ForCausalLM(config), tmp_path / "hf", dtype=torch.bfloat16)
+    shutil.copy(workspace["tokenizer"] / "tokenizer.json", tmp_path / "hf")
+    out = _run(MOE_PRETRAIN, {
+        "CKPT_LOAD_DIR": str(tmp_path / "hf"), "CKPT_SAVE_DIR": str(tmp_path / "save"),
+        "DATA_PATH": str(workspace["data"]), "TOKENIZER_PATH": str(workspace["tokenizer"]),
+        "MASTER_PORT": str(free_port()),
+    })
+    assert "TP 1 x PP 2 x DP 2 (EP 2: experts split over 2 of the DP ranks)" in out
+    iterations = [(int(i), float(loss)) for i, loss in LINE.findall(out)]
+    assert [i for i, _ in iterations] == [1, 2, 3], out[-3000:]
+    assert all(loss == loss and 5.0 < loss < 20.0 for _, loss in iterations)
+    balancing = [float(v) for v in re.findall(r"\| load_balancing_loss: (\S+) \| loss scale", out)]
+    assert len(balancing) == 3 and all(0.9 < v < 2.0 for v in balancing)  # E sum f P: 1 when balanced, at most k
+    assert "successfully saved checkpoint from iteration       3" in out
+    saved, iteration, _ = iter_mcore_as_hf(tmp_path / "save")
+    assert isinstance(saved, Qwen3MoeConfig) and iteration == 3 and saved.num_experts == 8

@@ -172,9 +172,12 @@ def test_pipeline_bubble_and_tp_traffic_slow_the_step() -> None:
 
 def test_enumerate_covers_every_factorisation() -> None:
     layouts = enumerate_layouts(8, max_micro_batch=1)
-    triples = {(lay.tp, lay.pp, lay.dp) for lay in layouts}
-    assert triples == {(t, p, 8 // (t * p)) for t in (1, 2, 4, 8) for p in (1, 2, 4, 8) if 8 % (t * p) == 0}
+    sizes = {(lay.tp, lay.pp, lay.cp, lay.dp) for lay in layouts}
+    powers = (1, 2, 4, 8)
+    assert sizes == {(t, p, c, 8 // (t * p * c))
+                     for t in powers for p in powers for c in powers if 8 % (t * p * c) == 0}
     assert all(lay.world_size == 8 for lay in layouts)
+    assert {lay.cp_algo for lay in layouts if lay.cp > 1} == {"megatron_cp_algo", "ulysses_cp_algo"}
 
 
 def test_plan_puts_fitting_layouts_first() -> None:

@@ -5,8 +5,8 @@ Each layout trains a small Qwen3 (4 layers, hidden 256, vocabulary 8192 or 512: 
 first micro batch are alive during the second one's forward, as the planner assumes. The runs are
 fp32 but for two bf16 ones, which on a CPU without bf16 units take the float32-matmul path
 (`kernels.bf16_via_float32`) the estimate accounts for, as `train` does. One process
-runs the single-process layouts one after the other, two torchrun processes (gloo) the FSDP2 and
-the tensor + sequence parallel layouts; every rank reports its own peak.
+runs the single-process layouts one after the other, two torchrun processes (gloo) the FSDP2, the
+tensor + sequence parallel and the context parallel (ring, Ulysses) layouts; every rank reports its own peak.
 
 How the peak is measured: the growth of the process's resident set high-water mark (VmHWM) over
 the run. Before each measured run the process trains the same layout once with the tiny model, so
@@ -81,7 +81,7 @@ class Case:
             "tensor_model_parallel_size": lay.tp, "sequence_parallel": lay.sequence_parallel,
             "recompute_granularity": None if lay.recompute == "none" else lay.recompute, "no_shard": not lay.shard,
             "recompute_method": lay.recompute_method, "recompute_num_layers": lay.recompute_num_layers,
-            "bf16": self.bf16,
+            "bf16": self.bf16, "context_parallel_size": lay.cp, "context_parallel_algo": lay.cp_algo,
         }
         shape = {} if tiny else {**SHAPE, "padded_vocab_size": self.vocab}
         return tiny_flags(data, **RUN, **parallel, **shape)
@@ -100,6 +100,8 @@ CASES = [
     Case("1 process, bf16, micro batch 4", Layout(1, 1, 1, 4), bf16=True),
     Case("FSDP2 over 2 processes, bf16", Layout(1, 1, 2, 4), bf16=True),
     Case("TP 2 + sequence parallel", Layout(2, 1, 1, 4, sequence_parallel=True)),
+    Case("CP 2, ring", Layout(1, 1, 1, 4, cp=2)),
+    Case("CP 2, Ulysses", Layout(1, 1, 1, 4, cp=2, cp_algo="ulysses_cp_algo")),
 ]
 
 

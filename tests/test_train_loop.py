@@ -343,9 +343,9 @@ def test_keep_last_checkpoints_and_distributed_timeout_reach_the_run(
     timeouts: list[float] = []
     init_parallel = trainer.init_parallel
 
-    def recording_init(tp: int, pp: int, timeout_minutes: float) -> Any:
+    def recording_init(tp: int, pp: int, timeout_minutes: float, **sizes: int) -> Any:  # sizes: cp, ep, ...
         timeouts.append(timeout_minutes)
-        return init_parallel(tp, pp, timeout_minutes=timeout_minutes)
+        return init_parallel(tp, pp, timeout_minutes=timeout_minutes, **sizes)
 
     monkeypatch.setattr(trainer, "init_parallel", recording_init)
     flags = tiny_flags(dataset, save=tmp_path / "ck", save_interval=2, keep_last_checkpoints=2,

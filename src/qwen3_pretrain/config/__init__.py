@@ -8,13 +8,14 @@ read it. Checks that need files, devices or the tokenizer run in `qwen3_pretrain
 
 from qwen3_pretrain.config.flags import build_parser, load_recipe, parse_train_args
 from qwen3_pretrain.config.layout import PipelineLayout
-from qwen3_pretrain.config.model import PRESETS, ConfigError, Qwen3Config, get_preset
+from qwen3_pretrain.config.model import PRESETS, ConfigError, Qwen3Config, Qwen3MoeConfig, get_preset
 from qwen3_pretrain.config.train import (
     ATTENTION_BACKENDS,
     CheckpointArgs,
     DataArgs,
     LoggingArgs,
     ModelArgs,
+    MoEArgs,
     OptimizerArgs,
     ParallelArgs,
     PrecisionArgs,
@@ -27,8 +28,8 @@ from qwen3_pretrain.config.train import (
 )
 
 __all__ = [
-    "ATTENTION_BACKENDS", "PRESETS", "CheckpointArgs", "ConfigError", "DataArgs", "LoggingArgs", "ModelArgs",
-    "OptimizerArgs", "ParallelArgs", "PipelineLayout", "PrecisionArgs", "Qwen3Config", "Resolved", "ScheduleSteps",
-    "TrainConfig", "TrainingArgs", "build_parser", "flag_name", "get_preset", "load_recipe", "parse_train_args",
-    "schedule_steps",
+    "ATTENTION_BACKENDS", "PRESETS", "CheckpointArgs", "ConfigError", "DataArgs", "LoggingArgs", "MoEArgs", "ModelArgs",
+    "OptimizerArgs", "ParallelArgs", "PipelineLayout", "PrecisionArgs", "Qwen3Config", "Qwen3MoeConfig", "Resolved",
+    "ScheduleSteps", "TrainConfig", "TrainingArgs", "build_parser", "flag_name", "get_preset", "load_recipe",
+    "parse_train_args", "schedule_steps"
 ]

@@ -46,9 +46,35 @@ REASONS: dict[str, str] = {
         "themselves; same results"
     ),
     "debug": "a debugging/diagnostic switch of Megatron's runtime: no effect on training here",
-    "moe": "mixture-of-experts: comes with Qwen3-MoE support (expert parallelism); a dense Qwen3 has no experts",
-    "cp": "context parallelism > 1 comes with the long-context issue; use --context-parallel-size 1",
-    "fp8": "FP8/FP4 and quantised training are not implemented; use --bf16",
+    "moe": (
+        "a mixture-of-experts feature Qwen3-MoE does not have (shared experts, expert bias, grouped or hashed routing, "
+        "DeepSeek's extra losses, upcycling, ...) or a MoE runtime option qwen3-pretrain does not implement"
+    ),
+    "dropless": (
+        "Qwen3-MoE is dropless: every token reaches its top-k experts (no capacity factor, padding or token "
+        "dropping)"
+    ),
+    "shared": "Qwen3-MoE has no shared experts (every MoE MLP is the routed experts only)",
+    "moerecipe": (
+        "not part of Qwen3-MoE's training (router z-loss, input jitter, expert score scaling): not implemented"
+    ),
+    "moespeed": (
+        "a MoE kernel or communication-overlap switch: experts always run as one grouped computation and tokens "
+        "move by all-to-all (dropless), so results are the same"
+    ),
+    "moedtype": (
+        "the router runs its matmul in the compute dtype and its softmax/top-k in float32 (HF Qwen3-MoE's "
+        "numerics); another router or dispatch dtype is not implemented"
+    ),
+    "cp": (
+        "a context-parallel variant or tuning switch of MindSpeed's (hybrid / adaptive CP, Ulysses degree, KV "
+        "caching) that is not implemented; use --context-parallel-algo megatron_cp_algo or ulysses_cp_algo"
+    ),
+    "fp8": (
+        "an FP8/FP4 or quantisation option that is not implemented: FP8 here is --fp8-format with --fp8-recipe "
+        "tensorwise or rowwise (current scaling of the block linears; no amax history, FP4, FP8 parameters or "
+        "layer exceptions)"
+    ),
     "arch": (
         "configures an architecture other than dense Qwen3 (RMSNorm, RoPE theta, SwiGLU, GQA, q/k RMSNorm, no"
         " biases)"
@@ -100,7 +126,6 @@ REASONS: dict[str, str] = {
         "non-finite iterations are always detected, skipped and counted here (--stop-after-nonfinite-iters "
         "ends a run of them)"
     ),
-    "moerouter": "an MoE router setting: no effect on a dense Qwen3 (Qwen3-MoE support will use it)",
     "spec": "the layer spec: qwen3-pretrain always builds the Qwen3 decoder layer",
     "legacy": "Megatron's legacy GPT model: qwen3-pretrain builds the Qwen3 model that mcore's local spec describes",
     "qwen3fixed": "accepted when its value describes Qwen3",
@@ -129,6 +154,7 @@ SPEED_ONLY: dict[str, tuple[str, ...]] = {
     ),
     "overlap": (
         "--overlap-grad-reduce", "--overlap-param-gather", "--no-async-tensor-model-parallel-allreduce V",
+        "--use-cp-send-recv-overlap",
         "--tp-comm-overlap", "--tp-comm-overlap-rs-dgrad", "--disable-tp-comm-bulk-dgrad",
         "--disable-tp-comm-bulk-wgrad", "--disable-tp-comm-overlap-ag", "--disable-tp-comm-overlap-rs",
         "--disable-tp-comm-split-ag", "--disable-tp-comm-split-rs", "--no-tp-comm-bulk-dgrad",
@@ -189,7 +215,8 @@ SPEED_ONLY: dict[str, tuple[str, ...]] = {
         "--log-max-attention-logit", "--log-device-memory-used", "--log-memory-interval V", "--logging-level V",
         "--log-level V", "--timing-log-level V", "--timing-log-option V", "--no-barrier-with-level-1-timing",
         "--tensorboard-queue-size V", "--disable-log-loss-scale-to-tensorboard", "--no-log-loss-scale-to-tensorboard",
-        "--log-straggler", "--config-logger-dir V", "--op-cal-tflops", "--print-expert-load", "--nvtx-ranges",
+        "--log-straggler", "--config-logger-dir V", "--op-cal-tflops", "--print-expert-load",
+        "--moe-per-layer-logging", "--nvtx-ranges",
     ),
     "profiler": (
         "--use-pytorch-profiler", "--profile-level V", "--profile-export-type V", "--profile-data-simplification",
@@ -204,7 +231,8 @@ SPEED_ONLY: dict[str, tuple[str, ...]] = {
         "--object-storage-cache-path V", "--per-dataset-sequences-path V",
     ),
     "always": (
-        "--attention-softmax-in-fp32", "--accumulate-allreduce-grads-in-fp32", "--exit-signal-handler",
+        "--attention-softmax-in-fp32", "--accumulate-allreduce-grads-in-fp32", "--exit-signal-handler", "--moe-no-drop",
+        "--topk-softmax-in-fp32",
         "--exit-signal-handler-for-training", "--use-mcore-models", "--calculate-per-token-loss",
     ),
     "qwen3": (
@@ -213,8 +241,9 @@ SPEED_ONLY: dict[str, tuple[str, ...]] = {
     "nonfinite": (
         "--no-check-for-nan-in-loss-and-grad",
     ),
-    "moerouter": (
-        "--norm-topk-prob",
+    "moespeed": (
+        "--moe-grouped-gemm", "--moe-permutation-async-comm", "--moe-permute-fusion", "--moe-router-fusion",
+        "--moe-alltoall-overlap-comm", "--moe-allgather-overlap-comm", "--moe-use-grouped-tensor",
     ),
     "spec": (
         "--spec V...",
@@ -250,22 +279,48 @@ QWEN3_FIXED: dict[str, tuple[str, ...]] = {
     "--rotary-percent": ("1", "1.0",),
     "--tokenizer-type": ("PretrainedFromHF", "HuggingFaceTokenizer",),
     "--attention-mask-type": ("causal",),
+    "--moe-router-score-function": ("softmax",),
 }
 
 # Refused, by reason: the flags named, and every flag starting with an entry that ends with "-".
 REFUSED: dict[str, tuple[str, ...]] = {
+    "dropless": (
+        "--moe-expert-capacity-factor", "--moe-expert-rank-capacity-factor", "--moe-pad-expert-input-to-capacity",
+        "--moe-token-drop-policy", "--moe-train-capacity-factor", "--moe-dynamic-padding",
+    ),
+    "moerecipe": (
+        "--moe-z-loss-coeff", "--moe-input-jitter-eps", "--moe-router-topk-scaling-factor",
+        "--moe-apply-probs-on-input",
+    ),
+    "moedtype": (
+        "--moe-router-dtype", "--moe-combine-bwd-dtype", "--moe-dispatch-fwd-dtype", "--moe-revert-type-after-topk",
+    ),
+    "shared": (
+        "--moe-shared-expert-",
+    ),
     "moe": (
-        "--moe-", "--num-experts", "--expert-", "--n-shared-experts", "--shared-expert-", "--balanced-moe-",
+        "--moe-deepep-", "--moe-enable-", "--moe-flex-", "--moe-hybridep-", "--moe-latent-size",
+        "--moe-mlp-glu-interleave-size", "--moe-ncclep-", "--moe-pad-experts-for-cuda-graph-inference",
+        "--moe-paged-stash", "--moe-paged-stash-", "--moe-permute-fusion-into-hybridep",
+        "--moe-router-bias-update-rate",
+        "--moe-router-enable-expert-bias", "--moe-router-force-", "--moe-router-group-topk", "--moe-router-num-groups",
+        "--moe-router-padding-for-", "--moe-router-quantile-balancing-ema", "--moe-routing-trace-",
+        "--moe-single-grouped-", "--moe-upcycling-granularity", "--moe-use-upcycling", "--moe-alltoall-mc2",
+        "--moe-bmm-mc2", "--moe-comm-aux-loss-coeff", "--moe-device-level-aux-loss-coeff", "--moe-fb-overlap",
+        "--moe-intermediate-size", "--moe-model-type", "--moe-unperm2-mem-optim-swap", "--moe-use-sinkhorn",
+        "--moe-zero-memory", "--moe-zero-memory-num-layers", "--moe-adaptive-recompute-activation",
+        "--moe-adaptive-recompute-activation-scale",
+        "--expert-", "--n-shared-experts", "--shared-expert-", "--balanced-moe-",
         "--enable-expert-placement", "--enable-fine-grained-expert-placement", "--fine-grained-expert-placement-",
-        "--trans-hot-expert-", "--noisy-gate-policy", "--fix-router", "--router-", "--seq-aux", "--topk-",
-        "--num-zero-experts", "--n-hash-layers", "--use-pipe-experts", "--pipe-experts-", "--first-k-dense-replace",
+        "--trans-hot-expert-", "--noisy-gate-policy", "--fix-router", "--router-", "--seq-aux",
+        "--num-zero-experts", "--n-hash-layers", "--use-pipe-experts", "--pipe-experts-",
         "--routed-scaling-factor", "--n-group", "--topk-group", "--overlap-moe-expert-parallel-comm",
         "--overlap-dispatch-backward-", "--ep-overlap-", "--use-grouped-gemm-for-shared-expert", "--hccl-ep-group-",
     ),
     "cp": (
         "--cp-", "--adaptive-cp-", "--hierarchical-context-parallel-", "--hybrid-context-parallel",
         "--ulysses-degree-in-cp", "--use-ulysses-allgather-kv", "--kv-head-repeat-before-uly-",
-        "--context-parallel-cache-", "--context-parallel-kv-", "--use-cp-send-recv-overlap",
+        "--context-parallel-cache-", "--context-parallel-kv-",
         "--max-seqlen-per-dp-cp-rank",
     ),
     "fp8": (

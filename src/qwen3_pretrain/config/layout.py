@@ -27,6 +27,10 @@ RECOMPUTE_GRANULARITY_FLAG = flag_name("recompute_granularity")
 RECOMPUTE_METHOD_FLAG = flag_name("recompute_method")
 RECOMPUTE_NUM_LAYERS_FLAG = flag_name("recompute_num_layers")
 RECOMPUTE_METHODS = ("uniform", "block")
+CP_FLAG = flag_name("context_parallel_size")
+CP_ALGO_FLAG = flag_name("context_parallel_algo")
+RING_CP_ALGO, ULYSSES_CP_ALGO = "megatron_cp_algo", "ulysses_cp_algo"
+CP_ALGOS_IMPLEMENTED = (RING_CP_ALGO, ULYSSES_CP_ALGO)
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,42 @@ def check_tensor_parallel(
         raise ConfigError(
             f"{SEQUENCE_PARALLEL_FLAG} needs --seq-length ({seq_length}) divisible by {TP_FLAG} {tp_size}; "
             f"change one of them or drop {SEQUENCE_PARALLEL_FLAG}"
+        )
+
+
+def context_parallel_chunks(cp_size: int, algo: str) -> int:
+    """Equal chunks the sequence is cut into for `cp_size` ranks: 2C for the ring's load balance, else C."""
+    return 2 * cp_size if algo == RING_CP_ALGO else cp_size
+
+
+def check_context_parallel(
+    cp_size: int, algo: str, seq_length: int, tp_size: int = 1, sequence_parallel: bool = False,
+    config: Qwen3Config | None = None,
+) -> None:
+    """The sequence (and, for Ulysses, the TP-local attention heads) must split `cp_size` ways."""
+    if cp_size == 1:
+        return
+    if algo not in CP_ALGOS_IMPLEMENTED:
+        raise ConfigError(
+            f"{CP_ALGO_FLAG} {algo}: MindSpeed's hybrid / adaptive / KV-all-gather variants are not implemented; "
+            f"use {RING_CP_ALGO} (ring attention) or {ULYSSES_CP_ALGO} (all-to-all)"
+        )
+    chunks = context_parallel_chunks(cp_size, algo)
+    if seq_length % chunks:
+        raise ConfigError(
+            f"{CP_FLAG} {cp_size} with {algo} cuts --seq-length into {chunks} equal chunks, but {seq_length} is not "
+            f"divisible by {chunks}; change --seq-length or {CP_FLAG}"
+        )
+    if sequence_parallel and (seq_length // cp_size) % tp_size:
+        raise ConfigError(
+            f"{SEQUENCE_PARALLEL_FLAG} shards each CP rank's {seq_length // cp_size} tokens over {TP_FLAG} "
+            f"{tp_size}, which does not divide them; change --seq-length, {CP_FLAG} or {TP_FLAG}"
+        )
+    if config is not None and algo == ULYSSES_CP_ALGO and (config.num_attention_heads // tp_size) % cp_size:
+        raise ConfigError(
+            f"{ULYSSES_CP_ALGO} gives each of the {CP_FLAG} {cp_size} ranks a 1/{cp_size} share of the "
+            f"{config.num_attention_heads // tp_size} attention heads per TP rank, which does not split; use "
+            f"{RING_CP_ALGO} or a {CP_FLAG} that divides them"
         )
 
 

@@ -21,12 +21,14 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from qwen3_pretrain.config.flag_table import accepted_table_flags
+from qwen3_pretrain.config.fp8 import DEFAULT_FP8_RECIPE, FP8_FORMATS, check_fp8
 from qwen3_pretrain.config.layout import (
     PIPELINE_SCHEDULES,
     RECOMPUTE_GRANULARITY_FLAG,
     RECOMPUTE_METHODS,
     PipelineLayout,
     check_batch_split,
+    check_context_parallel,
     check_recompute,
     check_tensor_parallel,
     flag_name,
@@ -35,7 +37,17 @@ from qwen3_pretrain.config.layout import (
     recompute_ignored,
     sequence_parallel_ignored,
 )
-from qwen3_pretrain.config.model import ConfigError, Qwen3Config
+from qwen3_pretrain.config.model import ConfigError, Qwen3Config, Qwen3MoeConfig
+from qwen3_pretrain.config.moe import (
+    BALANCING_TYPES,
+    MEGATRON_AUX_LOSS_COEFF,
+    MEGATRON_TOPK,
+    MOE_DISPATCHERS,
+    balancing_mode,
+    check_expert_parallel,
+    check_moe_context_parallel,
+    dense_layers,
+)
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
 WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
@@ -44,7 +56,7 @@ ATTENTION_BACKENDS = ("auto", "flash", "fused", "efficient", "unfused")  # model
 CONFIG_FLAG = "--config"
 CKPT_FORMATS = ("native", "torch")
 CP_ALGOS = ("megatron_cp_algo", "ulysses_cp_algo", "hybrid_cp_algo", "hybrid_adaptive_cp_algo", "kvallgather_cp_algo")
-HF_MODEL_TYPES = ("qwen3",)
+HF_MODEL_TYPES = ("qwen3", "qwen3-moe")
 PRECISION_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # precision -> torch dtype name
 
 
@@ -74,6 +86,34 @@ class ModelArgs:
     norm_epsilon: float | None = _opt(None, "RMSNorm epsilon (default Qwen3's 1e-6)")
     untie_embeddings_and_output_weights: bool | None = _opt(None, "separate LM head (Qwen3 8B and larger)")
     init_method_std: float | None = _opt(None, "std of the normal weight init (default 0.02)")
+
+
+@dataclass
+class MoEArgs:
+    """Mixture of experts (Qwen3-MoE): given flags override a Qwen3-MoE --model / --load; see config.moe."""
+
+    num_experts: int | None = _opt(None, "experts per MoE layer (default: the model's; 0 = dense)")
+    moe_router_topk: int | None = _opt(None, "experts per token (default: the model's, else Megatron's 2)")
+    moe_ffn_hidden_size: int | None = _opt(None, "expert MLP intermediate size (default: the model's, else "
+                                                 "--ffn-hidden-size)")
+    moe_aux_loss_coeff: float | None = _opt(None, "load-balancing loss coefficient (default: the model's "
+                                                  "router_aux_loss_coef, else Megatron's 0)")
+    moe_router_load_balancing_type: str = _opt(
+        "aux_loss", "load-balancing loss over the micro batch (aux_loss), per sequence (seq_aux_loss), over the "
+        "global batch's expert loads (global_aux_loss), none; softmax_topk (MindSpeed) = none", BALANCING_TYPES,
+    )
+    norm_topk_prob: bool | None = _opt(None, "renormalise the top-k router probabilities (HF norm_topk_prob)")
+    moe_router_pre_softmax: bool | None = _opt(
+        None, "softmax over all experts before top-k, not renormalised (HF norm_topk_prob False unless "
+        "--norm-topk-prob)"
+    )
+    moe_layer_freq: str | None = _opt(None, "MoE layer pattern: N (layers i with i mod N = 0; -1 = all) or a 0/1 list "
+                                            "expression")
+    first_k_dense_replace: int | None = _opt(None, "the first K layers keep a dense MLP (MindSpeed)")
+    moe_token_dispatcher_type: str = _opt(
+        "allgather", "token exchange: every type runs the same dropless all-to-all over the EP ranks here "
+        "(alltoall_seq and allgather are mapped to it; results are identical)", MOE_DISPATCHERS,
+    )
 
 
 @dataclass
@@ -165,11 +205,24 @@ class PrecisionArgs:
     min_loss_scale: float = _opt(1.0, "minimum dynamic loss scale")
     loss_scale_window: int = _opt(1000, "overflow-free iterations before the loss scale doubles")
     hysteresis: int = _opt(2, "overflows tolerated before the loss scale halves")
+    fp8_format: str | None = _opt(
+        None, "FP8 matmuls in the decoder blocks' linears (torchao float8, needs --bf16): e4m3 = inputs, weights and "
+        "gradients in e4m3; hybrid = e4m3 forward, e5m2 gradients", FP8_FORMATS,
+    )
+    fp8_recipe: str | None = _opt(
+        None, "FP8 scaling with --fp8-format: tensorwise (default; one current scale per tensor) or rowwise (ours: "
+        "torchao's per-row scales); Megatron's delayed, mxfp8, blockwise and custom are refused"
+    )
 
     @property
     def name(self) -> str:
         """The compute precision: bf16, fp16 or fp32."""
         return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
+
+    @property
+    def fp8(self) -> tuple[str, str] | None:
+        """(--fp8-format, recipe) of an FP8 run (the recipe defaults to tensorwise), else None."""
+        return None if self.fp8_format is None else (self.fp8_format, self.fp8_recipe or DEFAULT_FP8_RECIPE)
 
     @property
     def dtype_name(self) -> str:
@@ -179,13 +232,18 @@ class PrecisionArgs:
 
 @dataclass
 class ParallelArgs:
-    """Parallel layout; data parallel size = world size / (TP x PP)."""
+    """Parallel layout; data parallel size = world size / (TP x PP x CP)."""
 
     tensor_model_parallel_size: int = _opt(1, "tensor parallel size")
     pipeline_model_parallel_size: int = _opt(1, "pipeline parallel size")
-    context_parallel_size: int = _opt(1, "context parallel size (only 1 until context parallelism lands)")
+    context_parallel_size: int = _opt(1, "context parallel size: ranks that split each sequence for attention")
+    expert_model_parallel_size: int = _opt(
+        1, "expert parallel size: data-parallel ranks that split each MoE layer's experts (tokens go by all-to-all)"
+    )
+    expert_tensor_parallel_size: int | None = _opt(None, "tensor parallel size of the experts: 1 only (whole experts)")
     context_parallel_algo: str = _opt(
-        "megatron_cp_algo", "context parallel algorithm (MindSpeed's names; no effect at --context-parallel-size 1)",
+        "megatron_cp_algo", "context parallel algorithm (MindSpeed's names): megatron_cp_algo = ring attention over "
+        "2C load-balanced chunks, ulysses_cp_algo = all-to-all of heads; the hybrid/adaptive ones are refused",
         CP_ALGOS,
     )
     num_layer_list: str | None = _opt(None, "decoder layers per pipeline stage, comma-separated (default: even)")
@@ -280,6 +338,7 @@ class LoggingArgs:
 
 SECTIONS: dict[str, type] = {
     "model": ModelArgs,
+    "moe": MoEArgs,
     "data": DataArgs,
     "training": TrainingArgs,
     "optimizer": OptimizerArgs,
@@ -291,7 +350,7 @@ SECTIONS: dict[str, type] = {
 
 # Section -> the title of the matching Megatron argument group(s) in `train --help`.
 SECTION_TITLES: dict[str, str] = {
-    "model": "network size", "data": "data and dataloader", "training": "training", "optimizer":
+    "model": "network size", "moe": "moe", "data": "data and dataloader", "training": "training", "optimizer":
     "learning rate, weight decay and optimizer", "precision": "mixed precision", "parallel": "distributed",
     "checkpoint": "checkpointing", "logging": "logging, validation and profiling",
 }
@@ -318,7 +377,12 @@ _QWEN3_FIELD_FLAGS: dict[str, str] = {
     **{hf: f"--{flag.replace('_', '-')}" for flag, hf in _MODEL_FIELDS.items()},
     "num_key_value_heads": "--num-query-groups",
     "tie_word_embeddings": "--untie-embeddings-and-output-weights",
+    "num_experts": "--num-experts",
+    "num_experts_per_tok": "--moe-router-topk",
+    "moe_intermediate_size": "--moe-ffn-hidden-size",
 }
+# A MoE checkpoint must also agree on these (the stacked experts' shapes and which layers hold them).
+MOE_SHAPE_FIELDS = ("num_experts", "moe_intermediate_size", "moe_layers")
 
 
 def _field_types() -> dict[str, tuple[str, Any]]:
@@ -381,6 +445,7 @@ class TrainConfig:
     """The whole training configuration; build with `config.flags.parse_train_args` or `TrainConfig.from_flat`."""
 
     model: ModelArgs = field(default_factory=ModelArgs)
+    moe: MoEArgs = field(default_factory=MoEArgs)
     data: DataArgs = field(default_factory=DataArgs)
     training: TrainingArgs = field(default_factory=TrainingArgs)
     optimizer: OptimizerArgs = field(default_factory=OptimizerArgs)
@@ -441,13 +506,14 @@ class TrainConfig:
         self._check_choices()
         par, tr = self.parallel, self.training
         check_recompute(par.recompute_granularity, par.recompute_method, par.recompute_num_layers)
-        tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
-        if world_size % (tp * pp):
+        tp, pp, cp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.context_parallel_size
+        if world_size % (tp * pp * cp):
             raise ConfigError(
                 f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
-                f"--pipeline-model-parallel-size {pp}; change them or the number of processes"
+                f"--pipeline-model-parallel-size {pp} x --context-parallel-size {cp}; change them or the number of "
+                "processes"
             )
-        dp = world_size // (tp * pp)
+        dp = world_size // (tp * pp * cp)
         gbs = tr.global_batch_size if tr.global_batch_size is not None else tr.micro_batch_size * dp
         num_microbatches = check_batch_split(gbs, tr.micro_batch_size, dp)
         train_iters = self._train_iters(gbs)
@@ -455,15 +521,17 @@ class TrainConfig:
         self._check_profile(world_size, train_iters)
         if self.precision.bf16 and self.precision.fp16:
             raise ConfigError("--bf16 and --fp16 are exclusive; pick one")
+        check_fp8(self.precision.fp8_format, self.precision.fp8_recipe, self.precision.name, tp)
         self._check_data_sources()
-        if self.parallel.context_parallel_size != 1:
-            raise ConfigError(
-                f"--context-parallel-size {self.parallel.context_parallel_size}: context parallelism is not "
-                "implemented yet; use --context-parallel-size 1 (long sequences: --sequence-parallel, "
-                "--recompute-granularity full)"
-            )
         if self.data.seq_length is None:
             raise ConfigError("--seq-length is required (tokens per sample, e.g. 4096)")
+        if cp > 1 and par.compile:
+            raise ConfigError(
+                "--compile traces each block whole (no graph breaks), which the context-parallel attention's "
+                "ring / all-to-all communication does not allow; drop --compile or use --context-parallel-size 1"
+            )
+        check_context_parallel(cp, par.context_parallel_algo, self.data.seq_length, tp,
+                               par.sequence_parallel and tp > 1)
         return RunShape(world_size, dp, num_microbatches, gbs, train_iters, self.data.seq_length)
 
     def resolve(
@@ -488,9 +556,18 @@ class TrainConfig:
             given = [flag_name(n) for n in ("recompute_method", "recompute_num_layers") if self.get(n) is not None]
             notes.append(f"{' '.join(given)} (no {RECOMPUTE_GRANULARITY_FLAG})")
         model_config = self.model_config(base_model, tokenizer_vocab_size)
+        if not isinstance(model_config, Qwen3MoeConfig) or model_config.num_experts == 0:
+            given = [flag_name(f.name) for f in dataclasses.fields(MoEArgs) if getattr(self.moe, f.name) != f.default]
+            if given:
+                notes.append(f"{' '.join(given)} (the model has no experts)")
         if checkpoint_model is not None:
             self._check_checkpoint_shape(model_config, checkpoint_model)
         self._check_model_fits(model_config, tokenizer_vocab_size)
+        check_expert_parallel(getattr(model_config, "num_experts", 0), par.expert_model_parallel_size,
+                              shape.dp_size, par.expert_tensor_parallel_size, par.context_parallel_size)
+        if isinstance(model_config, Qwen3MoeConfig) and model_config.num_experts > 0:
+            check_moe_context_parallel(model_config.moe_router_load_balancing_type, model_config.router_aux_loss_coef,
+                                       par.context_parallel_size)
         pipeline = None
         if pp > 1:
             pipeline = pipeline_layout(
@@ -532,8 +609,7 @@ class TrainConfig:
             )
         if ck.model_type_hf is not None and ck.model_type_hf not in HF_MODEL_TYPES:
             raise ConfigError(
-                f"--model-type-hf {ck.model_type_hf}: qwen3-pretrain trains {', '.join(HF_MODEL_TYPES)} models "
-                "(Qwen3-MoE comes with expert parallelism)"
+                f"--model-type-hf {ck.model_type_hf}: qwen3-pretrain trains {', '.join(HF_MODEL_TYPES)} models"
             )
         par = self.parallel
         if ck.ckpt_format == "torch" and par.num_layers_per_virtual_pipeline_stage and par.num_layer_list:
@@ -550,6 +626,7 @@ class TrainConfig:
             "eval_interval", "save_interval", "tensor_model_parallel_size", "distributed_timeout_minutes",
             "keep_last_checkpoints", "exit_interval", "exit_duration_in_mins", "context_parallel_size",
             "pipeline_model_parallel_size", "recompute_num_layers", "hang_timeout_minutes",
+            "expert_model_parallel_size", "moe_router_topk", "moe_ffn_hidden_size",
             "make_vocab_size_divisible_by", "stop_after_nonfinite_iters", "loss_scale_window", "hysteresis",
             "lr_decay_iters", "lr_decay_samples", "lr_wsd_decay_iters", "lr_wsd_decay_samples",
             "loss_scale", "initial_loss_scale", "min_loss_scale", "tensorboard_log_interval",
@@ -557,7 +634,7 @@ class TrainConfig:
         )
         non_negative = (
             "min_lr", "weight_decay", "clip_grad", "lr_warmup_iters", "lr_warmup_samples", "lr_warmup_init",
-            "eval_iters", "num_workers", "adam_eps", "profile_step_start",
+            "eval_iters", "num_workers", "adam_eps", "profile_step_start", "num_experts", "moe_aux_loss_coeff",
         )
         for name, (_, base) in FIELDS.items():  # NaN passes every comparison below: refuse it (and inf) first
             value = self.get(name)
@@ -672,21 +749,49 @@ class TrainConfig:
             values["tie_word_embeddings"] = not m.untie_embeddings_and_output_weights
         values["rope_theta"] = float(values.get("rope_theta", Qwen3Config.rope_theta))
         values["torch_dtype"] = self.precision.dtype_name
+        config_class = self._apply_moe_flags(values, base)
         try:
-            return Qwen3Config(**values)
+            return config_class(**values)
         except ConfigError as exc:
             flags = [flag for hf, flag in _QWEN3_FIELD_FLAGS.items() if hf in str(exc)]
             hint = f" (set with {', '.join(flags)})" if flags else ""
             raise ConfigError(f"invalid model shape: {exc}{hint}") from exc
 
+    def _apply_moe_flags(self, values: dict[str, Any], base: Qwen3Config | None) -> type[Qwen3Config]:
+        """Set the Qwen3-MoE fields of `values` from the MoE flags (see config.moe); the config class to build."""
+        moe = self.moe
+        if moe.num_experts is not None:
+            values["num_experts"] = moe.num_experts
+        base_moe = isinstance(base, Qwen3MoeConfig)
+        if not base_moe and not values.get("num_experts"):  # as Megatron without --num-experts: MoE flags unused
+            return type(base) if base is not None else Qwen3Config
+        if not base_moe:  # made MoE by --num-experts: Megatron's defaults
+            values.update(num_experts_per_tok=MEGATRON_TOPK, moe_intermediate_size=values["intermediate_size"],
+                          router_aux_loss_coef=MEGATRON_AUX_LOSS_COEFF, norm_topk_prob=True)
+        for flag, hf_field in (("moe_router_topk", "num_experts_per_tok"), ("moe_ffn_hidden_size",
+                               "moe_intermediate_size"), ("moe_aux_loss_coeff", "router_aux_loss_coef")):
+            if getattr(moe, flag) is not None:
+                values[hf_field] = getattr(moe, flag)
+        if moe.norm_topk_prob is not None or moe.moe_router_pre_softmax is not None:
+            values["norm_topk_prob"] = bool(moe.norm_topk_prob) or not moe.moe_router_pre_softmax
+        if moe.moe_layer_freq is not None or moe.first_k_dense_replace is not None or not base_moe:
+            values["decoder_sparse_step"] = 1
+            values["mlp_only_layers"] = dense_layers(values["num_hidden_layers"], moe.moe_layer_freq,
+                                                     moe.first_k_dense_replace)
+        values["moe_router_load_balancing_type"] = balancing_mode(moe.moe_router_load_balancing_type)
+        return Qwen3MoeConfig
+
     def _check_checkpoint_shape(self, cfg: Qwen3Config, saved: Qwen3Config) -> None:
         """Refuse a model whose tensors (or tie) differ from the `--load` checkpoint's, as Megatron's load would
         fail: each differing field with both values and what set the run's value."""
-        differ = [name for name in CHECKPOINT_SHAPE_FIELDS if getattr(cfg, name) != getattr(saved, name)]
+        names = CHECKPOINT_SHAPE_FIELDS + (MOE_SHAPE_FIELDS if isinstance(cfg, Qwen3MoeConfig)
+                                           or isinstance(saved, Qwen3MoeConfig) else ())
+        differ = [name for name in names if _shape_value(cfg, name) != _shape_value(saved, name)]
         if not differ:
             return
         fields = "; ".join(
-            f"{name} {getattr(saved, name)} in the checkpoint, {getattr(cfg, name)} from {self._shape_source(name)}"
+            f"{name} {_shape_value(saved, name)} in the checkpoint, {_shape_value(cfg, name)} from "
+            f"{self._shape_source(name)}"
             for name in differ
         )
         raise ConfigError(
@@ -721,13 +826,24 @@ class TrainConfig:
                 f"tokens but the model's vocabulary is {cfg.vocab_size}; raise --padded-vocab-size (or pick the "
                 "model's own tokenizer)"
             )
-        check_tensor_parallel(cfg, self.parallel.tensor_model_parallel_size)
+        par = self.parallel
+        check_tensor_parallel(cfg, par.tensor_model_parallel_size)
+        if seq is not None:
+            check_context_parallel(par.context_parallel_size, par.context_parallel_algo, seq,
+                                   par.tensor_model_parallel_size, config=cfg)
 
     # ---- access ------------------------------------------------------------------------------
 
     def get(self, name: str) -> Any:
         """The value of field `name` (underscored flag name), whatever its section."""
         return getattr(getattr(self, FIELDS[name][0]), name)
+
+
+def _shape_value(config: Qwen3Config, name: str) -> Any:
+    """A checkpoint-shape field of `config`; "moe_layers" = the layers with experts (0 experts for a dense model)."""
+    if name == "moe_layers":
+        return [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+    return getattr(config, name, 0)
 
 
 @dataclass(frozen=True)
@@ -782,7 +898,7 @@ def _coerce(value: Any, base: Any, where: str) -> Any:
 
 
 __all__ = [
-    "ATTENTION_BACKENDS", "CheckpointArgs", "ConfigError", "DataArgs", "LoggingArgs", "ModelArgs",
+    "ATTENTION_BACKENDS", "CheckpointArgs", "ConfigError", "DataArgs", "LoggingArgs", "MoEArgs", "ModelArgs",
     "OptimizerArgs", "ParallelArgs", "PrecisionArgs", "Resolved", "RunShape", "ScheduleSteps", "TrainConfig",
     "TrainingArgs", "flag_name", "schedule_steps",
 ]

@@ -34,6 +34,7 @@ from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
     PrepareModuleInput,
+    PrepareModuleInputOutput,
     PrepareModuleOutput,
     RowwiseParallel,
     SequenceParallel,
@@ -43,6 +44,7 @@ from torch.distributed.tensor.parallel import loss_parallel as _torch_loss_paral
 
 from qwen3_pretrain.config.layout import check_tensor_parallel
 from qwen3_pretrain.config.model import Qwen3Config
+from qwen3_pretrain.model.moe import MoEMLP
 from qwen3_pretrain.model.qwen3 import Qwen3Model
 
 _HEAD_DIM = 2  # q_proj(x).view(b, s, heads, head_dim): q_norm/k_norm see heads on dim 2
@@ -81,8 +83,24 @@ def _causal_lm_parts(model: nn.Module) -> tuple[Qwen3Config, Qwen3Model, nn.Line
     return config, decoder, head
 
 
-def _block_plan(sequence_parallel: bool) -> dict[str, ParallelStyle]:
-    """Parallel styles for one decoder block, keyed by module path inside the block."""
+def _block_plan(sequence_parallel: bool, moe: bool = False) -> dict[str, ParallelStyle]:
+    """Parallel styles for one decoder block, keyed by module path inside the block. A MoE MLP (`moe`) is not
+    split: every TP rank routes the same (whole-sequence) tokens through whole experts (expert parallelism
+    splits the experts, `expert_parallel`), so its weights get the same gradient on every TP rank."""
+    plan = _dense_block_plan(sequence_parallel)
+    if not moe:
+        return plan
+    plan = {key: style for key, style in plan.items() if not key.startswith("mlp")}
+    if sequence_parallel:
+        plan["mlp"] = PrepareModuleInputOutput(
+            input_layouts=(_SEQUENCE,), desired_input_layouts=(Replicate(),), use_local_input=True,
+            output_layouts=(Replicate(),), desired_output_layouts=(_SEQUENCE,), use_local_output=False,
+        )
+    return plan
+
+
+def _dense_block_plan(sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    """Parallel styles for one decoder block with a dense MLP."""
     plan: dict[str, ParallelStyle] = {
         "self_attn.q_proj": ColwiseParallel(),
         "self_attn.k_proj": ColwiseParallel(),
@@ -169,9 +187,8 @@ def apply_tensor_parallel(
     if sequence_parallel:
         for style in _stage_boundary_styles(model):
             parallelize_module(decoder, tp_mesh, style)
-    block_plan = _block_plan(sequence_parallel)
     for block in decoder.layers.values():
-        parallelize_module(block, tp_mesh, block_plan)
+        parallelize_module(block, tp_mesh, _block_plan(sequence_parallel, isinstance(block.mlp, MoEMLP)))
     if tied:
         assert head is not None and decoder.embed_tokens is not None  # as _tied_embeddings found
         head.weight = decoder.embed_tokens.weight

@@ -4,7 +4,8 @@ Runs in this process, or as one rank under `torchrun`. The launcher flags (`conf
 also in torchrun's underscore spelling) start torchrun with the other flags: `--nproc-per-node N` alone runs
 it standalone on this machine; `--nnodes M` > 1 makes this machine node `--node-rank R` of M, which
 meet at `--master-addr A --master-port P` (a static rendezvous: every node runs the same command with
-its own R; `--rdzv-backend c10d` uses torchrun's elastic rendezvous there instead). The flags are
+its own R; `--rdzv-backend c10d` uses torchrun's elastic rendezvous there instead, and so does
+`--max-restarts K` > 0 across machines, which a static rendezvous cannot restart together). The flags are
 validated for the final world size, N x M processes, before anything starts. Under torchrun the
 launcher flags are accepted and ignored, so one script serves both ways of starting.
 """
@@ -89,7 +90,16 @@ def launch_plan(values: dict[str, str]) -> Launch:
     nnodes = _whole_number(values, "--nnodes", 1, 1)
     node_rank = _whole_number(values, "--node-rank", 0, 0)
     port = values.get("--master-port")
-    backend = values.get("--rdzv-backend", "static")
+    max_restarts = _whole_number(values, "--max-restarts", 0, 0)
+    backend = values.get("--rdzv-backend")
+    if backend is None:  # static cannot restart a job across machines (below); c10d can
+        backend = "c10d" if nnodes > 1 and max_restarts > 0 else "static"
+    elif backend == "static" and nnodes > 1 and max_restarts > 0:
+        raise ConfigError(
+            f"--rdzv-backend static with --max-restarts {max_restarts} on {nnodes} nodes: each machine's torchrun "
+            "would restart its workers on its own, and they would meet the other machines' old workers; drop "
+            "--rdzv-backend (it becomes c10d when restarts span machines) or pass --rdzv-backend c10d"
+        )
     if node_rank >= nnodes:
         raise ConfigError(f"--node-rank {node_rank} must be below --nnodes {nnodes} (node ranks are 0 .. nnodes - 1)")
     if nnodes > 1 and "--master-addr" not in values:
@@ -104,7 +114,7 @@ def launch_plan(values: dict[str, str]) -> Launch:
     return Launch(
         nproc_per_node=_whole_number(values, "--nproc-per-node", 1, 1), nnodes=nnodes, node_rank=node_rank,
         master_addr=values.get("--master-addr"), master_port=int(port) if port is not None else None,
-        rdzv_backend=backend, max_restarts=_whole_number(values, "--max-restarts", 0, 0),
+        rdzv_backend=backend, max_restarts=max_restarts,
     )
 
 

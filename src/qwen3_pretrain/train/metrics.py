@@ -13,10 +13,12 @@ from typing import Any
 
 import torch
 
-from qwen3_pretrain.config import TrainConfig, schedule_steps
+from qwen3_pretrain.config import Qwen3Config, Qwen3MoeConfig, TrainConfig, schedule_steps
+from qwen3_pretrain.distributed.float8 import fp8_emulated
 from qwen3_pretrain.distributed.mesh import ParallelEnv
 from qwen3_pretrain.distributed.planner import DEVICE_SPECS, GIB
 from qwen3_pretrain.model import kernels
+from qwen3_pretrain.train.moe_stats import RouterSummary
 from qwen3_pretrain.train.preflight import memory_estimate
 
 METRICS_FILE = "metrics.jsonl"
@@ -42,25 +44,31 @@ class IterationLog:
     mfu: float | None  # fraction of the device's dense peak; None when the peak is unknown
     mem_peak_bytes: int  # measured peak memory per device so far, max over ranks (CPU: peak resident set)
     mem_estimate_bytes: int  # the planner's estimate per device (`preflight.memory_estimate`)
+    load_balancing: tuple[str, float] | None = None  # MoE: (Megatron's name, mean over the applied iterations)
 
     def to_record(self) -> dict[str, Any]:
         """The JSONL record: the line's numbers at full precision (non-finite values as null)."""
-        record = {k: _finite_or_none(v) for k, v in vars(self).items() if k != "train_iters"}
+        skip = ("train_iters", "load_balancing")
+        record = {k: _finite_or_none(v) for k, v in vars(self).items() if k not in skip}
         if self.mfu is None:
             record.pop("mfu")
+        if self.load_balancing is not None:
+            record[self.load_balancing[0]] = _finite_or_none(self.load_balancing[1])
         return record
 
 
 def format_iteration_line(log: IterationLog, now: datetime | None = None) -> str:
-    """Megatron's training log line, fields and widths as in Megatron, throughput fields appended."""
+    """Megatron's training log line, fields and widths as in Megatron (a MoE model's load-balancing loss after the
+    LM loss, as Megatron's MoE tracker), throughput fields appended."""
     stamp = (now or datetime.now()).strftime("%Y-%m-%d %H:%M:%S")
+    balancing = "" if log.load_balancing is None else f" {log.load_balancing[0]}: {log.load_balancing[1]:.6E} |"
     line = (
         f" [{stamp}] iteration {log.iteration:8d}/{log.train_iters:8d} |"
         f" consumed samples: {log.consumed_samples:12d} |"
         f" elapsed time per iteration (ms): {log.elapsed_ms_per_iteration:.1f} |"
         f" learning rate: {log.lr:.6E} |"
         f" global batch size: {log.global_batch_size:5d} |"
-        f" lm loss: {log.lm_loss:.6E} |"
+        f" lm loss: {log.lm_loss:.6E} |{balancing}"  # Megatron prints its MoE losses after the LM loss
         f" loss scale: {log.loss_scale:.1f} |"
         f" grad norm: {log.grad_norm:.3f} |"
         f" number of skipped iterations: {log.skipped_iterations:3d} |"
@@ -155,6 +163,20 @@ class MetricsWriter:
         if self.wandb is not None:
             self.wandb.log({"samples vs steps": consumed_samples}, step=iteration)
 
+    def router(self, iteration: int, summary: RouterSummary) -> None:
+        """MoE: one iteration's load-balancing loss and per-layer tokens per expert (max, mean), every
+        --tensorboard-log-interval iterations: a busiest expert far above the mean shows routing collapse."""
+        if iteration % self.interval:
+            return
+        self._write({"iteration": iteration, "load_balancing_loss": _finite_or_none(summary.loss),
+                     "moe_layers": summary.layers, "tokens_per_expert_max": summary.tokens_max,
+                     "tokens_per_expert_mean": summary.tokens_mean})
+        scalars = {"moe/load_balancing_loss": summary.loss}
+        for layer, top, mean in zip(summary.layers, summary.tokens_max, summary.tokens_mean, strict=True):
+            scalars[f"moe/tokens_per_expert_max_layer_{layer}"] = top
+            scalars[f"moe/tokens_per_expert_mean_layer_{layer}"] = mean
+        self._scalars(scalars, iteration)
+
     def iteration(self, log: IterationLog) -> None:
         """The log line's record, and its interval figures as scalars."""
         self._write(log.to_record())
@@ -226,17 +248,23 @@ def startup_summary(config: TrainConfig, env: ParallelEnv, compute_dtype: torch.
     precision = config.precision.name
     if kernels.bf16_via_float32(env.device, compute_dtype):
         precision += " (this CPU has no fast bf16 matmul: float32 matmuls of bf16-rounded operands)"
+    if config.precision.fp8 is not None:
+        emulated = ", emulated: this device has no FP8 matmuls" if fp8_emulated(env.device) else ""
+        precision += f" + FP8 block linears ({', '.join(config.precision.fp8)}{emulated})"
     steps = schedule_steps(config, r.train_iters, r.global_batch_size)
     memory = memory_estimate(config).as_gib()
     parts = ", ".join(f"{k} {v:.2f}" for k, v in memory.items() if k != "total")
     opt = config.optimizer
     lines = [
-        f"model: Qwen3 with {cfg.num_parameters():,} parameters ({cfg.num_hidden_layers} layers, hidden "
+        f"model: {cfg.ARCHITECTURE.removesuffix('ForCausalLM')} with {cfg.num_parameters():,} parameters"
+        f"{_moe_summary(cfg)} ({cfg.num_hidden_layers} layers, hidden "
         f"{cfg.hidden_size}, {cfg.num_attention_heads} heads / {cfg.num_key_value_heads} kv heads x {cfg.head_dim}, "
         f"ffn {cfg.intermediate_size}, vocab {cfg.vocab_size}, {'tied' if cfg.tie_word_embeddings else 'untied'} "
         f"embeddings); {cfg.flops_per_token(seq) / 1e9:.2f} GFLOP per token",
-        f"layout: {env.world_size} process(es) on {env.device.type} = TP {env.tp} x PP {env.pp} x DP {env.dp}, "
-        f"{dp_mode}, recompute {recompute}, compile {'on' if par.compile else 'off'}, "
+        f"layout: {env.world_size} process(es) on {env.device.type} = TP {env.tp} x PP {env.pp} x DP {env.dp}"
+        f"{f' (EP {env.ep}: experts split over {env.ep} of the DP ranks)' if env.ep > 1 else ''}"
+        f"{f' x CP {env.cp} ({par.context_parallel_algo})' if env.cp > 1 else ''}, {dp_mode}, "
+        f"recompute {recompute}, compile {'on' if par.compile else 'off'}, "
         f"attention {par.attention_backend}, "
         f"{precision} compute with fp32 master weights and optimizer state",
         f"batch: global {r.global_batch_size} = micro {mbs} x DP {env.dp} x {r.num_microbatches} accumulation "
@@ -261,3 +289,15 @@ def startup_summary(config: TrainConfig, env: ParallelEnv, compute_dtype: torch.
     if ignored:
         lines.append(f"accepted without effect here (see docs/flags.md): {' '.join(ignored)}")
     return lines
+
+
+def _moe_summary(cfg: Qwen3Config) -> str:
+    """A Qwen3-MoE model's active parameters and routing, for the startup summary ("" for a dense model)."""
+    if not isinstance(cfg, Qwen3MoeConfig):
+        return ""
+    moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    balancing = cfg.moe_router_load_balancing_type
+    return (f", {cfg.num_parameters(active=True):,} active per token; {moe} MoE layers of {cfg.num_experts} experts "
+            f"x {cfg.moe_intermediate_size}, top-{cfg.num_experts_per_tok}"
+            f"{' renormalised' if cfg.norm_topk_prob else ''}, load balancing {balancing}"
+            f"{f' x {cfg.router_aux_loss_coef:g}' if balancing != 'none' else ''}")

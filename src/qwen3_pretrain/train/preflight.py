@@ -39,6 +39,7 @@ def preflight(config: TrainConfig, world_size: int | None = None, local_world_si
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     config.check(world_size)  # the flag errors first, before anything is read
+    _check_fp8(config)
     _check_wandb(config)
     datasets = _check_data_files(config)
     source = _load_source(config)
@@ -61,6 +62,15 @@ def _check_wandb(config: TrainConfig) -> None:
         raise ConfigError(
             "--wandb-project needs the wandb package, which is not installed: pip install qwen3-pretrain[wandb] "
             "(or drop --wandb-project)"
+        )
+
+
+def _check_fp8(config: TrainConfig) -> None:
+    """--fp8-format needs the optional torchao package."""
+    if config.precision.fp8_format is not None and importlib.util.find_spec("torchao") is None:
+        raise ConfigError(
+            "--fp8-format needs torchao (its torchao.float8 training), which is not installed: pip install torchao "
+            "(or pip install qwen3-pretrain[fp8]), or drop --fp8-format"
         )
 
 
@@ -204,6 +214,7 @@ def memory_estimate(config: TrainConfig) -> MemoryEstimate:
         micro_batch_size=config.training.micro_batch_size, recompute=par.recompute_granularity or "none",
         sequence_parallel=r.sequence_parallel, shard=not par.no_shard,
         recompute_method=par.recompute_method, recompute_num_layers=par.recompute_num_layers,
+        cp=par.context_parallel_size, cp_algo=par.context_parallel_algo, ep=par.expert_model_parallel_size,
     )
     dtype = compute_dtype(config)
     return estimate_memory(
@@ -231,6 +242,6 @@ def _check_memory_fits(config: TrainConfig, local_world_size: int | None) -> Non
         f"this layout needs about {estimate.total / GIB:.2f} GiB per device ({parts} GiB) but a device has "
         f"{budget / GIB:.2f} GiB. Run `qwen3-pretrain plan --model {config.model.model or '<preset>'} --seq-length "
         f"{config.data.seq_length} --global-batch-size {r.global_batch_size} --devices {r.world_size} --device-memory "
-        f"{budget / GIB:.0f}GB` for layouts that fit (more tensor/pipeline parallelism, "
+        f"{budget / GIB:.0f}GB` for layouts that fit (more tensor/pipeline/context parallelism, "
         "--recompute-granularity full, a smaller --micro-batch-size), or pass --skip-memory-check to try anyway"
     )

@@ -3,7 +3,10 @@
 One iteration = one optimizer step on `global batch` samples: `num_microbatches` forward/backward
 passes of `micro batch` samples on each of the DP ranks. The loss of the step is the sum of the
 per-token cross entropy over the whole global batch divided by its number of loss tokens
-(Megatron's per-token loss), so any DP size / accumulation split gives the same gradients.
+(Megatron's per-token loss), so any DP size / accumulation split gives the same gradients. A Qwen3-MoE
+model's load-balancing loss joins each micro batch's backward with 1 / (micro batches x DP x CP) (Megatron's
+scaling: the step adds the mean of the micro batches' losses); its value and the per-layer expert loads are
+logged (`train.moe_stats`).
 Per-iteration values stay on the device until the next log line (or checkpoint), where they are
 read in one go: a step needs no host synchronisation. A non-finite gradient norm skips the update
 (on the device) and is counted in "number of skipped iterations"; every iteration whose loss is not
@@ -44,12 +47,15 @@ from torch.distributed.tensor import DTensor
 from qwen3_pretrain.checkpoint.loader import open_checkpoint
 from qwen3_pretrain.checkpoint.mcore import McoreLayout, add_mcore_rank_files
 from qwen3_pretrain.checkpoint.native import AsyncSaver, load_model_tensors, resolve_checkpoint_dir, save_checkpoint
-from qwen3_pretrain.config import Qwen3Config, TrainConfig
+from qwen3_pretrain.config import Qwen3Config, Qwen3MoeConfig, TrainConfig
 from qwen3_pretrain.data.gpt_dataset import build_gpt_datasets
 from qwen3_pretrain.data.loader import build_pretraining_loader
 from qwen3_pretrain.data.mock import MockGPTDataset
 from qwen3_pretrain.distributed.clip import clip_grad_norm_
+from qwen3_pretrain.distributed.context_parallel import shard_sequence
 from qwen3_pretrain.distributed.device import device_type, peak_memory_bytes
+from qwen3_pretrain.distributed.expert_parallel import GlobalExpertLoad, install_global_expert_load
+from qwen3_pretrain.distributed.float8 import attach_fp8_scale_precompute
 from qwen3_pretrain.distributed.mesh import ParallelEnv, init_parallel, shutdown_parallel
 from qwen3_pretrain.distributed.parallelize import load_full_weights, parallelize_model
 from qwen3_pretrain.distributed.pipeline import (
@@ -64,8 +70,10 @@ from qwen3_pretrain.distributed.pipeline import (
     sync_tied_embedding_grads,
     tied_embedding_group,
 )
+from qwen3_pretrain.distributed.roll_call import describe_failure, is_peer_failure, missing_ranks
 from qwen3_pretrain.distributed.tensor_parallel import vocab_parallel_loss
 from qwen3_pretrain.model.kernels import KernelOptions
+from qwen3_pretrain.model.moe import set_aux_loss_scale
 from qwen3_pretrain.model.qwen3 import IGNORE_INDEX, Qwen3ForCausalLM, init_module_weights
 from qwen3_pretrain.train import run_lock
 from qwen3_pretrain.train.metrics import (
@@ -77,6 +85,7 @@ from qwen3_pretrain.train.metrics import (
     startup_summary,
     throughput,
 )
+from qwen3_pretrain.train.moe_stats import LOSS_NAMES, ExpertLoadTracker, summarize
 from qwen3_pretrain.train.optim import (
     build_loss_scaler,
     build_optimizer,
@@ -138,6 +147,7 @@ class _Pending:
     grad_norm: torch.Tensor
     found_inf: torch.Tensor
     scale_at_minimum: torch.Tensor | None  # fp16: the loss scale could not back off further
+    router: torch.Tensor | None = None  # MoE: the step's router totals (`ExpertLoadTracker.take`)
 
 
 @dataclass
@@ -151,6 +161,7 @@ class _Interval:
     nan: int = 0
     skipped_loss_sum: float = 0.0  # finite losses of skipped iterations: the log's loss when none was applied
     skipped_finite: int = 0
+    balancing_loss_sum: float = 0.0  # MoE: load-balancing losses of the applied iterations
 
     @property
     def lm_loss(self) -> float:
@@ -237,6 +248,7 @@ def build_model_parts(config: TrainConfig, env: ParallelEnv) -> tuple[list[nn.Mo
             part, env, compute_dtype(config), sequence_parallel=resolved.sequence_parallel,
             recompute_granularity=par.recompute_granularity, recompute_method=par.recompute_method,
             recompute_num_layers=par.recompute_num_layers, compile_blocks=par.compile, shard=not par.no_shard,
+            cp_algo=par.context_parallel_algo, fp8=config.precision.fp8,
         )
         part.to_empty(device=env.device)
         part.model.rotary_emb.reset_parameters()
@@ -257,7 +269,7 @@ def build_pipeline(config: TrainConfig, env: ParallelEnv, stages: list[PipelineS
     tied_group = tied_embedding_group(stages, pp_group)
     broadcast_tied_embedding(stages, tied_group)
     micro_batch = MicroBatchShape(
-        config.training.micro_batch_size, resolved.seq_length, compute_dtype(config),
+        config.training.micro_batch_size, resolved.seq_length // env.cp, compute_dtype(config),
         env.tp if resolved.sequence_parallel else 1,
     )
     schedule = build_pipeline_schedule(stages, pp_group, resolved.num_microbatches, micro_batch,
@@ -300,6 +312,8 @@ class Trainer:
         named = as_one_module(self.model_parts)  # the parameters under their global HF names
         self.params = [p for p in named.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(named, config)
+        if config.precision.fp8_format is not None:
+            attach_fp8_scale_precompute(self.optimizer, self.model_parts)
         self.scheduler = build_scheduler(self.optimizer, config)
         self.scaler = build_loss_scaler(config, env.device)
         self.state = TrainState()
@@ -317,6 +331,7 @@ class Trainer:
         self.peak_tflops = device_peak_tflops(env.device, self.compute_dtype)
         self.memory_estimate = int(memory_estimate(config).total)
         self.metrics = MetricsWriter(config, env.is_last_rank)
+        self.router, self.global_loads = self._track_router(named)
         self.train_data, self.valid_data, self.test_data = self._build_datasets()
 
     # ---- state ---------------------------------------------------------------------------------
@@ -336,6 +351,27 @@ class Trainer:
             self.scaler.load_state_dict(state["loss_scaler"])
 
     # ---- setup ---------------------------------------------------------------------------------
+
+    def _track_router(self, named: nn.Module) -> tuple[ExpertLoadTracker | None, list[GlobalExpertLoad]]:
+        """MoE: the tracker of the steps' router statistics and the "global_aux_loss" expert loads over DP x CP."""
+        cfg = self.resolved.model_config
+        layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+        if not isinstance(cfg, Qwen3MoeConfig) or not layers:
+            return None, []
+        tracker = ExpertLoadTracker(named, layers, cfg.num_experts, self.env.device)
+        return tracker, install_global_expert_load(named, self.env.batch_group)
+
+    def _start_router_step(self, loss_scale: float | torch.Tensor) -> None:
+        """MoE: reset the step's router statistics; each micro batch's load-balancing loss joins backward with
+        loss scale / (micro batches x DP x CP), so the step adds their mean, as Megatron (1 / (micro batches x DP))."""
+        if self.router is None:
+            return
+        self.router.reset()
+        for hook in self.global_loads:
+            hook.reset()
+        scale = loss_scale / (self.resolved.num_microbatches * self.env.dp * self.env.cp)
+        for part in self.model_parts:
+            set_aux_loss_scale(part, typing.cast(float, scale))  # a device tensor under fp16: no host sync
 
     def _load_or_init_weights(self, named: nn.Module, held_elsewhere: frozenset[str]) -> int:
         """Random init, or --load's weights (and, resuming a native checkpoint, the optimizer, schedule,
@@ -422,18 +458,30 @@ class Trainer:
     # ---- one step ------------------------------------------------------------------------------
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, TokenInputs]:
-        """A micro batch's token ids, labels (-100 where masked) and the position / document ids its flags ask for."""
-        data, device = self.config.data, self.env.device
-        labels = batch["labels"].masked_fill(batch["loss_mask"] == 0, IGNORE_INDEX)
+        """A micro batch's token ids, labels (-100 where masked) and the position / document ids its flags ask for.
+
+        With context parallelism, this CP rank's tokens of each (`context_parallel.shard_sequence`), with their
+        global positions given explicitly.
+        """
+        data, device, env = self.config.data, self.env.device, self.env
+        labels = batch["labels"].masked_fill(batch["loss_mask"] == 0, IGNORE_INDEX).to(device, non_blocking=True)
         tokens = batch["tokens"].to(device, non_blocking=True)
         positions = batch["position_ids"].to(device, non_blocking=True) if data.reset_position_ids else None
         documents = document_ids(tokens, data.eod_token_id) if data.reset_attention_mask else None
-        return tokens, labels.to(device, non_blocking=True), TokenInputs(positions, documents)
+        if env.cp == 1:
+            return tokens, labels, TokenInputs(positions, documents)
+        if positions is None:
+            positions = torch.arange(tokens.shape[1], device=device).expand_as(tokens)  # [b, s]
+        algo = self.config.parallel.context_parallel_algo
+        tokens, labels, positions = (shard_sequence(t, env.cp_rank, env.cp, algo) for t in (tokens, labels, positions))
+        if documents is not None:
+            documents = shard_sequence(documents, env.cp_rank, env.cp, algo)
+        return tokens, labels, TokenInputs(positions, documents)
 
     def _global_tokens(self, batches: list[dict[str, torch.Tensor]]) -> int:
-        """Loss tokens in the global batch (TP/PP ranks of one DP slot hold the same data)."""
+        """Loss tokens in the global batch (TP/PP/CP ranks of one DP slot hold the same data)."""
         local = sum(int(b["loss_mask"].sum()) for b in batches)
-        return self.env.host_sum(local) // (self.env.tp * self.env.pp)
+        return self.env.host_sum(local) // self.env.ranks_per_dp_slot
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.env.mesh is None and self.compute_dtype != torch.float32:
@@ -460,6 +508,7 @@ class Trainer:
     def _forward_backward(self, batches: list[dict[str, torch.Tensor]], divisor: float) -> torch.Tensor:
         """Gradients of (summed token loss / divisor) x loss scale over the micro batches; returns the loss sum."""
         loss_scale = self.scaler.scale if self.scaler is not None else 1.0
+        self._start_router_step(loss_scale)
         if self.pipeline is not None:
             tokens, labels, extra = self._stacked(batches)
             mean = self.pipeline.schedule.step(tokens, labels, num_tokens=divisor, loss_scale=loss_scale, extra=extra)
@@ -491,7 +540,8 @@ class Trainer:
         self.scheduler.step(self.resolved.global_batch_size)  # corrected in _flush if the update was skipped
         self.state.iteration += 1
         self.state.consumed_samples += self.resolved.global_batch_size
-        return _Pending(self.state.iteration, lr, loss_sum, tokens, grad_norm, found_inf, at_minimum)
+        router = self.router.take(dist.group.WORLD if self.env.distributed else None) if self.router else None
+        return _Pending(self.state.iteration, lr, loss_sum, tokens, grad_norm, found_inf, at_minimum, router)
 
     # ---- reading device values (log / save time) ----------------------------------------------
 
@@ -500,8 +550,8 @@ class Trainer:
         if not self.pending:
             return
         sums = torch.stack([p.loss_sum for p in self.pending])  # [k]
-        if self.env.dp_group is not None and self.env.dp > 1:
-            dist.all_reduce(sums, group=self.env.dp_group)
+        if self.env.batch_group is not None:
+            dist.all_reduce(sums, group=self.env.batch_group)
         norms = torch.stack([p.grad_norm.float() for p in self.pending]).tolist()
         found = torch.stack([p.found_inf for p in self.pending]).tolist()
         minimum = [bool(p.scale_at_minimum) if p.scale_at_minimum is not None else True for p in self.pending]
@@ -518,6 +568,7 @@ class Trainer:
             self.result.skipped.append(skipped)
             consumed = self.state.consumed_samples - (self.state.iteration - p.iteration) * gbs
             self.metrics.step(p.iteration, consumed, p.lr, loss, norm, loss_scale, gbs)
+            balancing = self._router_metrics(p)
             self.interval.iterations += 1
             skipped_now += int(skipped)
             nan_now += int(nan)
@@ -531,6 +582,7 @@ class Trainer:
             elif not skipped and not nan:
                 self.interval.loss_sum += loss
                 self.interval.applied += 1
+                self.interval.balancing_loss_sum += balancing
         self.interval.skipped += skipped_now
         self.interval.nan += nan_now
         self.state.skipped_iterations += skipped_now
@@ -548,6 +600,24 @@ class Trainer:
                 "good update. Lower --lr, raise --lr-warmup-*, check the data, or resume from an earlier checkpoint"
             )
 
+    def _router_metrics(self, pending: _Pending) -> float:
+        """MoE: write the iteration's per-layer expert loads; returns its load-balancing loss (0 without MoE)."""
+        if self.router is None or pending.router is None:
+            return 0.0
+        summary = summarize(pending.router, list(self.router.rows), self.env.tp)
+        self.metrics.router(pending.iteration, summary)
+        return summary.loss
+
+    def _balancing_field(self) -> tuple[str, float] | None:
+        """MoE: Megatron's name of the load-balancing loss and its mean over the interval's applied iterations;
+        None without a loss (no MoE layer, type none, or coefficient 0)."""
+        cfg = self.resolved.model_config
+        if self.router is None or not isinstance(cfg, Qwen3MoeConfig) or cfg.router_aux_loss_coef == 0:
+            return None
+        name = LOSS_NAMES.get(cfg.moe_router_load_balancing_type)
+        iv = self.interval
+        return None if name is None else (name, iv.balancing_loss_sum / iv.applied if iv.applied else float("nan"))
+
     def _log_line(self, seconds: float) -> None:
         """Print the iteration line (last rank) and write the same numbers to JSONL/TensorBoard."""
         iv = self.interval
@@ -563,7 +633,7 @@ class Trainer:
             grad_norm=self.last_grad_norm, skipped_iterations=iv.skipped, nan_iterations=iv.nan,
             tokens_per_sec_per_device=tokens, tflops_per_device=tflops, mfu=mfu,
             mem_peak_bytes=self.env.host_max(peak_memory_bytes(self.env.device)),
-            mem_estimate_bytes=self.memory_estimate,
+            mem_estimate_bytes=self.memory_estimate, load_balancing=self._balancing_field(),
         )
         if self.env.is_last_rank:
             print(format_iteration_line(log), flush=True)
@@ -588,9 +658,9 @@ class Trainer:
                     with self._loss_parallel():
                         loss_sum += _plain(self._forward_loss(batch))
             local_tokens += sum(int(batch["loss_mask"].sum()) for batch in step_batches)
-        if self.env.dp_group is not None and self.env.dp > 1:
-            dist.all_reduce(loss_sum, group=self.env.dp_group)
-        tokens = self.env.host_sum(local_tokens) // (self.env.tp * self.env.pp)
+        if self.env.batch_group is not None:
+            dist.all_reduce(loss_sum, group=self.env.batch_group)
+        tokens = self.env.host_sum(local_tokens) // self.env.ranks_per_dp_slot
         loss = float(loss_sum) / max(tokens, 1)
         if self.env.is_last_rank:
             print("\n".join(format_validation_lines(label, loss)), flush=True)
@@ -827,8 +897,15 @@ def run_training(config: TrainConfig) -> TrainResult:
     with run_lock.hold(run_lock.run_directories(config) if rank == 0 else []):
         par = config.parallel
         env = init_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
-                            timeout_minutes=par.distributed_timeout_minutes)
-        result = Trainer(config, env).run()
+                            timeout_minutes=par.distributed_timeout_minutes, cp=par.context_parallel_size,
+                            ep=par.expert_model_parallel_size)
+        try:
+            result = Trainer(config, env).run()
+        except Exception as exc:
+            if env.distributed and is_peer_failure(exc):  # name the dead ranks: the error names only an address
+                print(f"qwen3-pretrain train: error: {describe_failure(exc, missing_ranks())}", file=sys.stderr,
+                      flush=True)
+            raise
         sys.stdout.flush()
         shutdown_parallel(env)
     return result
