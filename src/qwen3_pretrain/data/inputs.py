@@ -5,10 +5,11 @@ lines, JSON arrays, CSV and plain text; the text forms also gzip- (`.gz`) or zst
 compressed. `--input` may also name a directory (its files of those forms, sorted by name), a
 `datasets` `save_to_disk` directory (its `.arrow` shards in `state.json` order) or a glob.
 
-Every reader yields column batches (`{column: [value, ...]}`, at most `batch_size` rows) and keeps
-memory bounded by the batch, never the file: parquet through pyarrow `iter_batches`, Arrow one
-record batch of the file at a time (`datasets` writes 1000-row batches), compressed files decompressed
-as they are read, JSON lines and text line by line, JSON arrays object by object, CSV row by row.
+Every reader yields column batches (`{column: [value, ...]}`, at most `batch_size` rows; the text
+forms end a batch at `BATCH_CHARS` characters too) and keeps memory bounded by the batch, never the
+file: parquet through pyarrow `iter_batches`, Arrow one record batch of the file at a time (`datasets`
+writes 1000-row batches), compressed files decompressed as they are read, JSON lines and text line by
+line, JSON arrays object by object, CSV row by row.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ SUPPORTED = ".parquet, .arrow, .jsonl, .json, .csv, .txt (the last four also as 
 TEXT_FILE_COLUMN = "text"  # a .txt file is one document per line, in this column (as HF `datasets` does)
 JSON_ARRAY_CHUNK = 1 << 20
 JSON_ARRAY_MAX_OBJECT = 256 << 20  # a JSON array element larger than this is treated as corrupt
+BATCH_CHARS = 1 << 23  # a batch of a text form also ends at this many characters: long documents stay bounded
 READ_BUFFER = 1 << 20  # bytes of decompressed data buffered when reading a compressed file
 ARROW_FILE_MAGIC = b"ARROW1"  # the IPC file format starts with it; the stream format does not
 SAVE_TO_DISK_FILES = ("state.json", "dataset_info.json")  # `datasets` writes both next to its shards
@@ -279,11 +281,12 @@ def _record_batches(
     stats: ReadStats,
     skip_bad_lines: bool,
 ) -> Iterator[Batch]:
-    """Group (where, record) pairs into column batches. A record without a required column is an error naming
-    where it is, or with `skip_bad_lines` skipped and counted; a file none of whose records has them is an error."""
+    """Group (where, record) pairs into column batches (`batch_size` rows, or fewer holding `BATCH_CHARS`). A
+    record without a required column is an error naming where it is, or with `skip_bad_lines` skipped and counted;
+    a file none of whose records has them is an error."""
     columns = required + optional
     batch: Batch = {c: [] for c in columns}
-    rows = 0
+    rows = in_batch = chars = 0
     first_missing: tuple[list[str], list[str]] | None = None
     for where, record in records:
         missing = [c for c in required if c not in record]
@@ -294,12 +297,14 @@ def _record_batches(
             first_missing = first_missing or (missing, list(record))
             continue
         for column in columns:
-            batch[column].append(record.get(column))
-        rows += 1
-        if rows % batch_size == 0:
+            value = record.get(column)
+            batch[column].append(value)
+            chars += len(value) if isinstance(value, str) else 0
+        rows, in_batch = rows + 1, in_batch + 1
+        if in_batch == batch_size or chars >= BATCH_CHARS:
             yield batch
-            batch = {c: [] for c in columns}
-    if rows % batch_size:
+            batch, in_batch, chars = {c: [] for c in columns}, 0, 0
+    if in_batch:
         yield batch
     if rows == 0 and first_missing is not None:
         raise _missing_column_error(path, *first_missing)

@@ -5,16 +5,16 @@ line works with only the program name changed, and writes `{output_prefix}_{key}
 for each `--json-keys` key (one sequence per document; empty documents skipped; EOD only with
 `--append-eod`).
 
-The input streams in batches of rows; `--workers` processes tokenize whole batches with the Rust
-tokenizer behind the HF tokenizer, and results are written in input order, so the output is
-byte-identical whatever the worker count. Files are written under temporary names and renamed when
-everything succeeded.
+The input streams in batches of rows (memory is bounded by a few batches, whatever the input size);
+the fastest engine that reproduces the HF tokenizer (`engines`) tokenizes whole batches in `--workers`
+threads (1: one per core), each batch on one thread, while the next batches are read, and results are
+written in input order, so the output is byte-identical whatever the engine and worker count. Files are written under
+temporary names and renamed when everything succeeded.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import multiprocessing
 import os
@@ -22,12 +22,23 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from qwen3_pretrain.data.engines import (
+    ALIASES,
+    ENGINES,
+    Engine,
+    HFEngine,
+    bounded_chunks,
+    needs_reference,
+    select_engine,
+    utf8_documents,
+)
 from qwen3_pretrain.data.handlers import HANDLERS, build_handler
 from qwen3_pretrain.data.indexed import (
     IndexedDatasetError,
@@ -37,76 +48,72 @@ from qwen3_pretrain.data.indexed import (
     check_vocab_fits,
     idx_path,
 )
-from qwen3_pretrain.data.inputs import DataInputError, ReadStats, expand_inputs, read_batches
-from qwen3_pretrain.data.tiktoken_bpe import TiktokenBPE, tiktoken_engine_for
+from qwen3_pretrain.data.inputs import BATCH_CHARS, DataInputError, ReadStats, expand_inputs, read_batches
 
 Task = tuple[int, list[str]]  # (output key index, non-empty document texts)
-Result = tuple[int, np.ndarray, np.ndarray, int]  # (key index, tokens int32[T], lengths int64[n], text bytes)
-PENDING_TASKS_PER_WORKER = 2  # bounded look-ahead: memory stays O(workers x batch)
-VERIFY_EVERY = 64  # the tiktoken engine's ids of every 64th document are checked against the HF engine
+Result = tuple[int, np.ndarray, np.ndarray, int]  # (key index, tokens [T], lengths int64 [n], text bytes)
+PENDING_TASKS_PER_WORKER = 2  # bounded look-ahead: memory stays O(workers x task)
+CHECK_BYTES = 1 << 16  # documents re-checked against the HF engine are at most this long
 
 
-class TokenEncoder:
+class BatchEncoder:
     """Picklable batch encoder giving the same ids as calling the HF tokenizer on each text.
 
-    Engines, fastest first: tiktoken when it reproduces the tokenizer exactly (see tiktoken_bpe; every
-    `VERIFY_EVERY`-th document is re-checked against the HF engine), else the Rust
-    `tokenizers.Tokenizer` behind a fast HF tokenizer, else the (slow) HF tokenizer itself. Worker
-    processes then need neither transformers (seconds to import per process) nor offsets.
+    Runs the engine `engines.select_engine` chose. With a fast engine, documents that `needs_reference`
+    flags go to the HF engine (`reference`) instead, and the fast engine's ids of one other document of
+    every batch (the first of at most CHECK_BYTES) are re-checked against it.
     """
 
-    def __init__(self, tokenizer: Any, eod: int | None, engine: str = "auto") -> None:
-        self.backend = tokenizer.backend_tokenizer if getattr(tokenizer, "is_fast", False) else None
-        self.slow = None if self.backend is not None else tokenizer
-        self.eod = eod
-        self.threads = 1  # tiktoken threads; the process running all tokenization uses every core
-        self.tiktoken: TiktokenBPE | None = None
-        if self.backend is None:
-            self.engine = "transformers (not a fast tokenizer)"
-        elif engine == "tokenizers":
-            self.engine = "tokenizers (--tokenizer-engine)"
-        else:
-            self.tiktoken, reason = tiktoken_engine_for(self.backend)
-            self.engine = "tiktoken" if self.tiktoken else f"tokenizers (no tiktoken: {reason})"
+    def __init__(self, engine: Engine, reference: HFEngine | None, eod: int | None) -> None:
+        self.engine, self.reference, self.eod = engine, reference, eod
 
-    def token_ids(self, texts: list[str]) -> list[list[int]]:
-        """The HF tokenizer's ids of each text."""
-        if self.backend is None:
-            assert self.slow is not None  # set exactly when there is no fast backend
-            return self.slow(texts, add_special_tokens=True)["input_ids"]
-        if self.tiktoken is not None:
-            ids = self.tiktoken.encode_batch(texts, self.threads)
-            for i in range(0, len(texts), VERIFY_EVERY):
-                if self.backend.encode(texts[i], add_special_tokens=True).ids != ids[i]:
-                    raise DataInputError(
-                        f"the tiktoken engine and the HF tokenizer disagree on the document starting "
-                        f"{texts[i][:60]!r}; rerun with --tokenizer-engine tokenizers (and report this)"
-                    )
-            return ids
-        return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=True)]
-
-    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Tokens of all texts concatenated (int32, EOD appended to each when set) and each length."""
-        ids = self.token_ids(texts)
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
+        """Tokens of all texts concatenated (EOD appended to each when set), each length, and the UTF-8 bytes."""
+        documents = utf8_documents(texts)
+        tokens, lengths = self._token_ids(documents)
         if self.eod is not None:
-            for doc in ids:
-                doc.append(self.eod)
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
-        return tokens, lengths
+            tokens = np.insert(tokens, np.cumsum(lengths), self.eod)  # [T + n]: EOD after each document
+            lengths = lengths + 1
+        return tokens, lengths, sum(map(len, documents))
+
+    def _token_ids(self, documents: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        if self.reference is None:
+            return self.engine.encode(documents)
+        unstable = [needs_reference(d) for d in documents]
+        fast = [d for d, u in zip(documents, unstable, strict=True) if not u]
+        if not fast:
+            return self.reference.encode(documents)
+        tokens, lengths = self.engine.encode(fast)
+        self._check(fast, tokens, lengths)
+        if len(fast) == len(documents):
+            return tokens, lengths
+        pieces = iter(np.split(tokens, np.cumsum(lengths)[:-1]))  # fast documents' ids, in order
+        slow = iter(self.reference.ids([d for d, u in zip(documents, unstable, strict=True) if u]))
+        ids = [np.asarray(next(slow), tokens.dtype) if u else next(pieces) for u in unstable]
+        return np.concatenate(ids), np.array([len(i) for i in ids], dtype=np.int64)
+
+    def _check(self, documents: list[bytes], tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Compare the ids of the first document of at most CHECK_BYTES (HF needs ~150 bytes per byte) with HF's."""
+        assert self.reference is not None  # only fast engines are checked
+        index = next((i for i, d in enumerate(documents) if len(d) <= CHECK_BYTES), None)
+        if index is None:
+            return
+        start = int(lengths[:index].sum())
+        if tokens[start : start + lengths[index]].tolist() != self.reference.ids(documents[index : index + 1])[0]:
+            raise DataInputError(
+                f"the tokenizer engine and the HF tokenizer disagree on the document starting "
+                f"{documents[index][:60].decode('utf-8', 'replace')!r}; "
+                f"rerun with --tokenizer-engine hf (and report this)"
+            )
 
 
 class _WorkerState:
     """This process's encoder, set by `_init_worker` (the pool initializer, or in-process for one worker)."""
 
-    encoder: TokenEncoder | None = None
+    encoder: BatchEncoder | None = None
 
 
-def _init_worker(encoder: TokenEncoder, tokenizer_threads: bool) -> None:
-    if tokenizer_threads:
-        encoder.threads = os.cpu_count() or 1
-    else:  # several worker processes: one thread each, not one per core each
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+def _init_worker(encoder: BatchEncoder) -> None:
     _WorkerState.encoder = encoder
 
 
@@ -114,27 +121,33 @@ def _tokenize_task(task: Task) -> Result:
     key_index, texts = task
     encoder = _WorkerState.encoder
     assert encoder is not None, "_init_worker has not run in this process"
-    tokens, lengths = encoder.encode(texts)
-    return key_index, tokens, lengths, sum(len(t.encode("utf-8")) for t in texts)
+    return key_index, *encoder.encode(texts)
 
 
 def ordered_map(
-    fn: Callable[[Task], Result], tasks: Iterable[Task], workers: int, encoder: TokenEncoder
+    fn: Callable[[Task], Result], tasks: Iterable[Task], workers: int, encoder: BatchEncoder
 ) -> Iterator[Result]:
-    """`map(fn, tasks)` in input order, over `workers` processes, reading ahead a bounded number of tasks."""
-    if workers <= 1:
-        _init_worker(encoder, tokenizer_threads=True)
+    """`map(fn, tasks)` in input order, reading ahead a bounded number of tasks, over `workers` threads (1: one
+    per core) when the engine releases the GIL, so reading overlaps tokenizing; else over `workers` processes
+    (the slow transformers tokenizer)."""
+    _init_worker(encoder)
+    pool: Executor
+    if encoder.engine.releases_gil:
+        workers = workers if workers > 1 else os.cpu_count() or 1
+        pool = ThreadPoolExecutor(workers)
+    elif workers > 1:  # spawn: safe with pyarrow/tokenizer threads in this process
+        pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _init_worker, (encoder,))
+    else:
         yield from map(fn, tasks)
         return
-    context = multiprocessing.get_context("spawn")  # safe with pyarrow/tokenizer threads in this process
-    with context.Pool(workers, initializer=_init_worker, initargs=(encoder, False)) as pool:
-        pending: deque = deque()
+    with pool:
+        pending: deque[Future[Result]] = deque()
         for task in tasks:
-            pending.append(pool.apply_async(fn, (task,)))
+            pending.append(pool.submit(fn, task))
             if len(pending) >= PENDING_TASKS_PER_WORKER * workers:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
 
 
 @dataclass
@@ -185,8 +198,8 @@ def _tasks(files: list[str], handler: Any, args: argparse.Namespace, counters: C
             for key_index, key in enumerate(handler.output_keys):
                 documents = [t for t in texts[key] if t]
                 counters.empty += len(texts[key]) - len(documents)
-                if documents:
-                    yield key_index, documents
+                for chunk in bounded_chunks(documents, BATCH_CHARS):  # parquet/arrow batches count rows only
+                    yield key_index, chunk
 
 
 def output_prefixes(output_prefix: str, keys: list[str]) -> list[str]:
@@ -210,11 +223,12 @@ def preprocess(args: argparse.Namespace) -> Counters:
         if eod is None:
             raise DataInputError(f"--append-eod: the tokenizer in {args.tokenizer_name_or_path} has no eos token")
     prefixes = output_prefixes(args.output_prefix, handler.output_keys)
-    encoder = TokenEncoder(tokenizer, eod, args.tokenizer_engine)
+    engine, reference, engine_name = select_engine(tokenizer, args.tokenizer_engine)
+    encoder = BatchEncoder(engine, reference, eod)
     print(
         f"preprocess: {len(files)} input file(s), handler {type(handler).__name__}, vocab {vocab_size} "
         f"-> {dtype.name}, eod {f'{eod} appended' if eod is not None else 'not appended'}, "
-        f"engine {encoder.engine}, {args.workers} worker(s), output {', '.join(prefixes)}",
+        f"engine {engine_name}, {args.workers} worker(s), output {', '.join(prefixes)}",
         flush=True,
     )
     counters = Counters()
@@ -246,7 +260,7 @@ def preprocess(args: argparse.Namespace) -> Counters:
         bad = f", skipped {c.read.bad_lines} bad lines and {c.read.missing_fields} records missing a column"
     print(
         f"done: {c.documents} documents, {c.tokens} tokens written; skipped {c.empty} empty{dropped}{bad}; "
-        f"{c.text_bytes / 1e6:.2f} MB of text in {time.perf_counter() - progress.start:.1f} s ({progress.rates()})",
+        f"{c.text_bytes / 1e6:.2f} MB of text in {time.perf_counter() - progress.start:.2f} s ({progress.rates()})",
         flush=True,
     )
     for prefix in prefixes:
@@ -283,8 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--tokenizer-name-or-path", required=True, help="HF tokenizer directory (ships with the weights)")
     tok.add_argument("--tokenizer-type", default="PretrainedFromHF", choices=["PretrainedFromHF"])
     tok.add_argument(
-        "--tokenizer-engine", default="auto", choices=["auto", "tokenizers"],
-        help="auto: tiktoken when it reproduces the tokenizer exactly (about 2x faster), else HF tokenizers",
+        "--tokenizer-engine", default="auto", choices=[*ENGINES, *ALIASES],
+        help="auto: the fastest of gigatoken, tiktoken that reproduces the HF tokenizer exactly on probe texts, "
+        "else HF tokenizers (hf; `tokenizers` is an alias); naming an engine forces it",
     )
     tok.add_argument("--append-eod", action="store_true", help="append the tokenizer's eos token to each document")
     tok.add_argument("--seq-length", type=int, default=None, help="drop documents of this many tokens or more")
@@ -294,7 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     out = parser.add_argument_group("output data")
     out.add_argument("--output-prefix", required=True, help="files are {prefix}_{key}_document.bin/.idx")
-    out.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    out.add_argument(
+        "--workers", type=int, default=1,
+        help="tokenizer threads (processes for a slow transformers tokenizer); 1: one thread per core",
+    )
     out.add_argument("--log-interval", type=int, default=100, help="documents between progress lines")
     ignored = ("--streaming", "--overwrite-cache", "--tokenizer-not-use-fast")
     ignored_values = (

@@ -1,10 +1,9 @@
 """A tiktoken engine for byte-level BPE tokenizers, giving the HF tokenizer's ids about twice as fast.
 
 Qwen's vocabulary is a tiktoken vocabulary (ranks = token ids), and tiktoken runs the same split
-regex and byte-level BPE as the HF `tokenizers` engine at about half the CPU time. We use it only for a
-tokenizer.json of the exact shape whose results tiktoken reproduces (`tiktoken_engine_for` says why
-not otherwise), only after it matched the HF engine on a probe of tricky texts, and the preprocessor
-re-checks a sample of the real documents against the HF engine while it runs.
+regex and byte-level BPE as the HF `tokenizers` engine at about half the CPU time. It is built only
+for a tokenizer.json of the exact shape whose results tiktoken reproduces (`tiktoken_engine_for` says
+why not otherwise); `engines` then probes it against the HF engine before using it.
 
 Shape required: BPE model over GPT-2 byte symbols with no dropout/unk/prefix/suffix/byte fallback,
 merge i creating the token of rank 256 + i (tiktoken merges by the rank of the result); normalizer
@@ -15,26 +14,13 @@ matching) with none a prefix of another.
 
 from __future__ import annotations
 
-import functools
+import itertools
 import json
 import re
 import unicodedata
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-PROBE_TEXTS = (
-    "Hello, world! I'M sure it's fine; they'll've gone. DON'T you'd?",
-    "你好，世界！保持健康的三个提示：多运动，均衡饮食。日本語のテキスト、한국어 텍스트.",
-    "numbers 1234567890 3.14159 -42 1e-6 ١٢٣ and symbols #@!$%^&*()_+{}[]|\\:;\"'<>,.?/~`",
-    "  leading\tand  multiple   spaces\n\n\ntrailing  \r\nCRLF\r\n\r\n   ",
-    "def f(x):\n    return {'a': [1, 2, 3]}  # comment\n\tif x >= 0:\n\t\tpass\n",
-    "emoji 🙂👍🏽 👨‍👩‍👧‍👦 flags 🇨🇳🇺🇸 math ∑∫√ arrows →⇒ accents café naïve Ångström",
-    "decomposed e\u0301 a\u030a o\u0308 and \u212b angstrom sign, fullwidth ＡＢＣ１２３ ligature ﬁ",
-    "special <|endoftext|> inside <|im_start|>user\nhi<|im_end|> <think>\n\n</think> and >\u0338 <\u0338",
-    "Русский текст, ελληνικά, العربية, עברית, हिन्दी, ไทย",
-    "x" * 300 + " " + "ab" * 150 + " \u00a0nbsp\u2003em-space\u200bzero-width",
-    "",
-)
+import numpy as np
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -85,7 +71,7 @@ def _shape_problem(spec: dict) -> str | None:
 
 
 class TiktokenBPE:
-    """Encodes texts with tiktoken exactly as the HF tokenizer it was built from (picklable)."""
+    """Encodes texts with tiktoken exactly as the HF tokenizer it was built from."""
 
     def __init__(self, pattern: str, ranks: dict[bytes, int], added: dict[str, int], nfc: bool) -> None:
         import tiktoken
@@ -93,12 +79,9 @@ class TiktokenBPE:
         self.encoding = tiktoken.Encoding(
             "hf-byte-level-bpe", pat_str=pattern, mergeable_ranks=ranks, special_tokens=added
         )
-        self.pattern, self.ranks, self.added, self.nfc = pattern, ranks, added, nfc
+        self.added, self.nfc = added, nfc
         self.added_set = frozenset(added)
         self.added_pattern = re.compile("|".join(map(re.escape, added))) if added else None
-
-    def __reduce__(self) -> tuple:
-        return TiktokenBPE, (self.pattern, self.ranks, self.added, self.nfc)
 
     def encode(self, text: str) -> list[int]:
         if not self.nfc or unicodedata.is_normalized("NFC", text):
@@ -113,18 +96,17 @@ class TiktokenBPE:
         ids += self.encoding.encode_ordinary(unicodedata.normalize("NFC", text[start:]))
         return ids
 
-    def encode_batch(self, texts: list[str], threads: int = 1) -> list[list[int]]:
-        """Ids of each text; with threads > 1 chunks run in parallel (tiktoken releases the GIL)."""
-        if threads <= 1 or len(texts) < 2 * threads:
-            return [self.encode(t) for t in texts]
-        if getattr(self, "_pool", None) is None:
-            self._pool = ThreadPoolExecutor(threads)
-        step = -(-len(texts) // threads)
-        chunks = self._pool.map(lambda i: [self.encode(t) for t in texts[i : i + step]], range(0, len(texts), step))
-        return [ids for chunk in chunks for ids in chunk]
+    def encode_documents(self, documents: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens of the UTF-8 `documents` concatenated, and each one's length."""
+        return flatten_ids([self.encode(d.decode("utf-8")) for d in documents])
 
 
-@functools.lru_cache(maxsize=4)  # building and probing takes seconds; a tokenizer object is checked once
+def flatten_ids(ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Lists of ids as (all ids concatenated as int32, each list's length as int64)."""
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    return np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum())), lengths
+
+
 def tiktoken_engine_for(backend: Any) -> tuple[TiktokenBPE | None, str]:
     """A TiktokenBPE equal to the `tokenizers.Tokenizer` `backend`, or None and the reason it is not used."""
     try:
@@ -154,8 +136,4 @@ def tiktoken_engine_for(backend: Any) -> tuple[TiktokenBPE | None, str]:
         engine = TiktokenBPE(pattern, ranks, added, nfc=spec.get("normalizer") is not None)
     except ValueError as exc:  # e.g. a regex tiktoken's engine does not support
         return None, f"tiktoken cannot load it ({exc})"
-    expected = [e.ids for e in backend.encode_batch(list(PROBE_TEXTS), add_special_tokens=True)]
-    for text, ids in zip(PROBE_TEXTS, expected, strict=True):
-        if engine.encode(text) != ids:
-            return None, f"tiktoken differs from the HF tokenizer on {text[:40]!r}"
     return engine, "tiktoken"
