@@ -11,7 +11,7 @@ import torch
 
 from qwen3_pretrain.checkpoint.convert import main as convert_main
 from qwen3_pretrain.checkpoint.native import save_checkpoint
-from qwen3_pretrain.config.model import get_preset
+from qwen3_pretrain.config.model import Qwen3Config, Qwen3MoeConfig, get_preset
 from qwen3_pretrain.model.qwen3 import Qwen3ForCausalLM
 
 
@@ -63,3 +63,32 @@ def assert_fails_cleanly(capsys: pytest.CaptureFixture[str], tmp_path: Path, arg
     for fragment in fragments:
         assert fragment in err, err
     assert set(tmp_path.iterdir()) == before
+
+
+def hf_names_and_shapes(c: Qwen3Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor of an HF Qwen3 / Qwen3-MoE checkpoint of config `c` with its shape, written out independently
+    of the code under test (mcore.py's key table, the model's state dict)."""
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    h, f = c.hidden_size, c.intermediate_size
+    shapes = {"model.embed_tokens.weight": (c.vocab_size, h), "model.norm.weight": (h,)}
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, h)
+    moe = isinstance(c, Qwen3MoeConfig)
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+            p + "self_attn.q_norm.weight": (c.head_dim,), p + "self_attn.k_norm.weight": (c.head_dim,),
+        }
+        if not moe or i in c.mlp_only_layers:
+            shapes |= {p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
+                       p + "mlp.down_proj.weight": (h, f)}
+            continue
+        m = c.moe_intermediate_size
+        shapes[p + "mlp.gate.weight"] = (c.num_experts, h)
+        for e in range(c.num_experts):
+            x = f"{p}mlp.experts.{e}."
+            shapes |= {x + "gate_proj.weight": (m, h), x + "up_proj.weight": (m, h), x + "down_proj.weight": (h, m)}
+    return shapes

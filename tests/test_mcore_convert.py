@@ -26,7 +26,7 @@ from qwen3_pretrain.checkpoint.mcore import (
 )
 from qwen3_pretrain.config.model import ConfigError, Qwen3Config
 
-from checkpoint_helpers import assert_fails_cleanly, assert_identical, convert
+from checkpoint_helpers import assert_fails_cleanly, assert_identical, convert, hf_names_and_shapes
 
 ITER = "iter_0000001"
 
@@ -38,25 +38,6 @@ def tiny_config(tied: bool = True, vocab: int = 90) -> Qwen3Config:
         num_key_value_heads=4, head_dim=8, max_position_embeddings=128, rope_theta=5e5, rms_norm_eps=1e-5,
         tie_word_embeddings=tied, torch_dtype="float32",
     )
-
-
-def hf_names_and_shapes(c: Qwen3Config) -> dict[str, tuple[int, ...]]:
-    """Written out independently of mcore.py's table."""
-    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    h, f = c.hidden_size, c.intermediate_size
-    shapes = {"model.embed_tokens.weight": (c.vocab_size, h), "model.norm.weight": (h,)}
-    if not c.tie_word_embeddings:
-        shapes["lm_head.weight"] = (c.vocab_size, h)
-    for i in range(c.num_hidden_layers):
-        p = f"model.layers.{i}."
-        shapes |= {
-            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-            p + "self_attn.q_norm.weight": (c.head_dim,), p + "self_attn.k_norm.weight": (c.head_dim,),
-            p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h), p + "mlp.down_proj.weight": (h, f),
-        }
-    return shapes
 
 
 def random_hf_state(config: Qwen3Config, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ from qwen3_pretrain.checkpoint.native import save_checkpoint
 from qwen3_pretrain.config.model import ConfigError, Qwen3Config, Qwen3MoeConfig
 from qwen3_pretrain.model.qwen3 import Qwen3ForCausalLM
 
-from checkpoint_helpers import assert_fails_cleanly, assert_identical, convert
+from checkpoint_helpers import assert_fails_cleanly, assert_identical, convert, hf_names_and_shapes
 
 ITER = "iter_0000001"
 EXPERTS = 4
@@ -40,32 +40,6 @@ def moe_config(tied: bool = False) -> Qwen3MoeConfig:
         torch_dtype="float32", num_experts=EXPERTS, num_experts_per_tok=2, moe_intermediate_size=8,
         norm_topk_prob=True, mlp_only_layers=[1],
     )
-
-
-def hf_names_and_shapes(c: Qwen3MoeConfig) -> dict[str, tuple[int, ...]]:
-    """Written out independently of mcore.py's table."""
-    q, kv, h, f, m = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.hidden_size, \
-        c.intermediate_size, c.moe_intermediate_size
-    shapes = {"model.embed_tokens.weight": (c.vocab_size, h), "model.norm.weight": (h,)}
-    if not c.tie_word_embeddings:
-        shapes["lm_head.weight"] = (c.vocab_size, h)
-    for i in range(c.num_hidden_layers):
-        p = f"model.layers.{i}."
-        shapes |= {
-            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-            p + "self_attn.q_norm.weight": (c.head_dim,), p + "self_attn.k_norm.weight": (c.head_dim,),
-        }
-        if i in c.mlp_only_layers:
-            shapes |= {p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
-                       p + "mlp.down_proj.weight": (h, f)}
-            continue
-        shapes[p + "mlp.gate.weight"] = (c.num_experts, h)
-        for e in range(c.num_experts):
-            x = f"{p}mlp.experts.{e}."
-            shapes |= {x + "gate_proj.weight": (m, h), x + "up_proj.weight": (m, h), x + "down_proj.weight": (h, m)}
-    return shapes
 
 
 def write_hf(directory: Path, config: Qwen3MoeConfig) -> dict[str, torch.Tensor]:
