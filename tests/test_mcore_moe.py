@@ -5,7 +5,9 @@ tests/test_mcore_megatron.py."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 from pathlib import Path
 
 import pytest
@@ -23,8 +25,10 @@ from qwen3_pretrain.checkpoint.mcore import (
     load_pt,
 )
 from qwen3_pretrain.checkpoint.native import save_checkpoint
+from qwen3_pretrain.config import parse_train_args
 from qwen3_pretrain.config.model import ConfigError, Qwen3Config, Qwen3MoeConfig
 from qwen3_pretrain.model.qwen3 import Qwen3ForCausalLM
+from qwen3_pretrain.train.trainer import run_training
 
 from checkpoint_helpers import assert_fails_cleanly, assert_identical, convert, hf_names_and_shapes
 
@@ -281,3 +285,25 @@ def test_trainer_mcore_files_from_stacked_parameters(tmp_path) -> None:
     _, iteration, tensors = iter_mcore_as_hf(tmp_path / "iter_0000003", config)
     assert iteration == 3
     assert_identical(dict(tensors), model.hf_state_dict())
+
+
+def _train_losses(load: Path) -> list[float]:
+    """Two iterations of `train --load LOAD` on mock data in this process; the logged losses."""
+    flags = ["--load", str(load), "--mock-data", "--seq-length", "16", "--micro-batch-size", "1",
+             "--global-batch-size", "2", "--train-iters", "2", "--lr", "1e-3", "--lr-decay-style", "constant",
+             "--log-interval", "1", "--eval-iters", "0", "--seed", "3"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        return run_training(parse_train_args(flags)).losses
+
+
+def test_train_loads_hf_and_mcore_moe_checkpoints_alike(tmp_path) -> None:
+    """`train --load` of an HF-MoE directory and of the same weights as mcore files (TP 2 x PP 2 x EP 2, grouped
+    experts) train identically; other weights train differently (so the weights were really loaded)."""
+    config = moe_config()
+    save_pretrained(trained_moe_model(config), tmp_path / "hf")
+    hf_to_mg(tmp_path / "hf", tmp_path / "mg", 2, 2, 2, "--moe-grouped-gemm")
+    torch.manual_seed(1)
+    save_pretrained(Qwen3ForCausalLM(config), tmp_path / "other")
+    hf, mg, other = (_train_losses(tmp_path / name) for name in ("hf", "mg", "other"))
+    assert len(hf) == 2 and hf == mg
+    assert other[0] != hf[0]
