@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from qwen3_pretrain.checkpoint.hf import iter_hf_tensors, save_pretrained
-from qwen3_pretrain.checkpoint.mcore import iter_mcore_as_hf
+from qwen3_pretrain.checkpoint.mcore import MODEL_FILE, iter_mcore_as_hf, load_pt
 from qwen3_pretrain.config import Qwen3MoeConfig, get_preset
 from qwen3_pretrain.data.indexed import IndexedDataset
 from qwen3_pretrain.demo_corpus import write_corpus_parquet
@@ -116,3 +116,9 @@ def test_mindspeed_moe_pretrain_script_runs_unchanged(workspace: dict[str, Path]
     assert "successfully saved checkpoint from iteration       3" in out
     saved, iteration, _ = iter_mcore_as_hf(tmp_path / "save")
     assert isinstance(saved, Qwen3MoeConfig) and iteration == 3 and saved.num_experts == 8
+    # Megatron's files of this run's layout: PP 2 x EP 2 rank directories, experts grouped (--moe-grouped-gemm)
+    iteration_dir = tmp_path / "save" / "iter_0000003"
+    assert sorted(d.name for d in iteration_dir.glob("mp_rank_*")) == [
+        "mp_rank_00_000_000", "mp_rank_00_000_001", "mp_rank_00_001_000", "mp_rank_00_001_001"]
+    keys = load_pt(iteration_dir / "mp_rank_00_000_001" / MODEL_FILE)["model"].keys()
+    assert "decoder.layers.0.mlp.experts.weight1" in keys and not any("local_experts" in k for k in keys)

@@ -746,10 +746,14 @@ class Trainer:
 
     def _write_mcore_weights(self, iteration_dir: Path, iteration: int) -> None:
         """`--ckpt-format torch`: the weights, in the compute dtype, as Megatron mcore rank files of this run's
-        TP/PP layout in the same iteration directory (read back from the checkpoint, on rank 0 only)."""
+        TP/PP/EP layout in the same iteration directory (read back from the checkpoint, on rank 0 only); a MoE
+        model's experts in the grouped-GEMM layout when the run was given `--moe-grouped-gemm`, as Megatron
+        would save them."""
         r, par = self.resolved, self.config.parallel
         stage_layers = r.pipeline.stage_layers if r.pipeline is not None else [r.model_config.num_hidden_layers]
-        layout = McoreLayout.build(r.model_config, par.tensor_model_parallel_size, len(stage_layers), stage_layers)
+        layout = McoreLayout.build(r.model_config, par.tensor_model_parallel_size, len(stage_layers), stage_layers,
+                                   ep=par.expert_model_parallel_size,
+                                   grouped="--moe-grouped-gemm" in self.config.ignored)
         saved = load_model_tensors(iteration_dir, verify=False)  # just written; its manifest comes after this
         tensors = ((name, t.to(self.compute_dtype)) for name, t in saved.items())
         add_mcore_rank_files(iteration_dir, tensors, r.model_config, layout, iteration,
