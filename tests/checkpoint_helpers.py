@@ -67,7 +67,7 @@ def assert_fails_cleanly(capsys: pytest.CaptureFixture[str], tmp_path: Path, arg
 
 def hf_names_and_shapes(c: Qwen3Config) -> dict[str, tuple[int, ...]]:
     """Every tensor of an HF Qwen3 / Qwen3-MoE checkpoint of config `c` with its shape, written out independently
-    of the code under test (mcore.py's key table, the model's state dict)."""
+    of the code under test (mcore_format.py's key table, the model's state dict)."""
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     h, f = c.hidden_size, c.intermediate_size
     shapes = {"model.embed_tokens.weight": (c.vocab_size, h), "model.norm.weight": (h,)}

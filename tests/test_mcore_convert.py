@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from qwen3_pretrain.checkpoint import convert as convert_module
-from qwen3_pretrain.checkpoint import mcore
+from qwen3_pretrain.checkpoint import mcore_format
 from qwen3_pretrain.checkpoint.hf import load_hf_state_dict, save_hf_state_dict
 from qwen3_pretrain.checkpoint.mcore import (
     MODEL_FILE,
@@ -171,8 +171,8 @@ def test_packing_known_answer_tp2() -> None:
     d, h, qpg = c.head_dim, c.hidden_size, c.num_attention_heads // c.num_key_value_heads
     q = torch.arange(c.num_attention_heads * d, dtype=torch.float32)[:, None].expand(-1, h)  # row id = head * d + i
     k, v = 1000 + q[: c.num_key_value_heads * d], 2000 + q[: c.num_key_value_heads * d]
-    spec = next(s for s in mcore.PARAMS if s.mcore == "self_attention.linear_qkv.weight")
-    shards = mcore.split_param(spec, [q, k, v], c, tp=2)
+    spec = next(s for s in mcore_format.PARAMS if s.mcore == "self_attention.linear_qkv.weight")
+    shards = mcore_format.split_param(spec, [q, k, v], c, tp=2)
     for rank, shard in enumerate(shards):
         rows = []
         for g in range(rank * 2, rank * 2 + 2):  # 4 groups, 2 per rank
@@ -180,8 +180,8 @@ def test_packing_known_answer_tp2() -> None:
             rows += [1000 + g * d + i for i in range(d)] + [2000 + g * d + i for i in range(d)]
         assert shard[:, 0].tolist() == rows
     gate = torch.arange(c.intermediate_size, dtype=torch.float32)[:, None].expand(-1, h)
-    spec = next(s for s in mcore.PARAMS if s.mcore == "mlp.linear_fc1.weight")
-    shards = mcore.split_param(spec, [gate, 100 + gate], c, tp=2)
+    spec = next(s for s in mcore_format.PARAMS if s.mcore == "mlp.linear_fc1.weight")
+    shards = mcore_format.split_param(spec, [gate, 100 + gate], c, tp=2)
     half = c.intermediate_size // 2
     assert shards[1][:, 0].tolist() == list(range(half, 2 * half)) + [100 + i for i in range(half, 2 * half)]
     assert all(s.untyped_storage().nbytes() == s.nbytes for s in shards)  # torch.save must not write the full tensor

@@ -36,15 +36,17 @@ from qwen3_pretrain.checkpoint.export import (
 from qwen3_pretrain.checkpoint.hf import HFCheckpointError, iter_hf_tensors, save_hf_state_dict
 from qwen3_pretrain.checkpoint.loader import detect_format
 from qwen3_pretrain.checkpoint.mcore import (
-    CONVERTED_ITERATION,
-    HF_CONFIG_SUBDIR,
-    McoreCheckpointError,
-    McoreLayout,
     check_output_dir,
     hf_tensor_shapes,
     iter_mcore_as_hf,
     staged_output_dir,
     write_mcore_checkpoint,
+)
+from qwen3_pretrain.checkpoint.mcore_format import (
+    CONVERTED_ITERATION,
+    HF_CONFIG_SUBDIR,
+    McoreCheckpointError,
+    McoreLayout,
 )
 from qwen3_pretrain.checkpoint.native import CheckpointError
 from qwen3_pretrain.config.model import ConfigError, Qwen3Config, Qwen3MoeConfig

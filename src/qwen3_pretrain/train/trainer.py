@@ -45,7 +45,8 @@ from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.tensor import DTensor
 
 from qwen3_pretrain.checkpoint.loader import open_checkpoint
-from qwen3_pretrain.checkpoint.mcore import McoreLayout, add_mcore_rank_files
+from qwen3_pretrain.checkpoint.mcore import add_mcore_rank_files
+from qwen3_pretrain.checkpoint.mcore_format import McoreLayout
 from qwen3_pretrain.checkpoint.native import AsyncSaver, load_model_tensors, resolve_checkpoint_dir, save_checkpoint
 from qwen3_pretrain.config import Qwen3Config, Qwen3MoeConfig, TrainConfig
 from qwen3_pretrain.data.gpt_dataset import build_gpt_datasets
