@@ -204,26 +204,28 @@ else
   done
 fi
 
+# single_run NAME DESCRIPTION FLAGS...: one more bf16 run of ours at micro batch 1 (compiled on accelerators),
+# results in $OUT/NAME.json.
+single_run() {
+  local name="$1" what="$2" mode=(--compile)
+  shift 2
+  [[ "${BENCH_CPU:-0}" == "1" ]] && mode=()
+  echo "== $what, micro batch 1, ${mode[*]:-eager}"
+  limited "$CONFIG_TIMEOUT" "$PYTHON" "$ROOT/benchmarks/train_throughput.py" "$@" --micro-batch-size 1 \
+    --accumulation 1 "${mode[@]}" --iters "$ITERS" --warmup "$WARMUP" --dtype bf16 --matmul-size "$MATMUL" \
+    --skip-hf --json "$OUT/$name.json" || echo "== the $name run failed, timed out or was skipped (exit $?)"
+}
+
 if [[ "$LONG_SEQ" != "none" ]]; then
   [[ "$LONG_SEQ" =~ ^[1-9][0-9]*$ ]] || fail "LONG_SEQ must be a sequence length or none, got '$LONG_SEQ'"
-  long_mode=(--compile)
-  [[ "${BENCH_CPU:-0}" == "1" ]] && long_mode=()
-  echo "== long context: $MODEL seq $LONG_SEQ, micro batch 1, full recompute, ${long_mode[*]:-eager}"
-  limited "$CONFIG_TIMEOUT" "$PYTHON" "$ROOT/benchmarks/train_throughput.py" --model "$MODEL" \
-    --seq-length "$LONG_SEQ" --micro-batch-size 1 --accumulation 1 --recompute full "${long_mode[@]}" \
-    --iters "$ITERS" --warmup "$WARMUP" --dtype bf16 --matmul-size "$MATMUL" --skip-hf \
-    --json "$OUT/long_seq.json" || echo "== the long-context run failed, timed out or was skipped (exit $?)"
+  single_run long_seq "long context: $MODEL seq $LONG_SEQ, full recompute" --model "$MODEL" \
+    --seq-length "$LONG_SEQ" --recompute full
 fi
 
 if [[ "$MOE_LAYERS" != "none" ]]; then
   [[ "$MOE_LAYERS" =~ ^[1-9][0-9]*$ ]] || fail "MOE_LAYERS must be a number of layers or none, got '$MOE_LAYERS'"
-  moe_mode=(--compile)
-  [[ "${BENCH_CPU:-0}" == "1" ]] && moe_mode=()
-  echo "== mixture of experts: $MOE_MODEL cut to $MOE_LAYERS layers, seq $SEQ, micro batch 1, ${moe_mode[*]:-eager}"
-  limited "$CONFIG_TIMEOUT" "$PYTHON" "$ROOT/benchmarks/train_throughput.py" --model "$MOE_MODEL" \
-    --num-layers "$MOE_LAYERS" --seq-length "$SEQ" --micro-batch-size 1 --accumulation 1 "${moe_mode[@]}" \
-    --iters "$ITERS" --warmup "$WARMUP" --dtype bf16 --matmul-size "$MATMUL" --skip-hf \
-    --json "$OUT/moe.json" || echo "== the MoE run failed, timed out or was skipped (exit $?)"
+  single_run moe "mixture of experts: $MOE_MODEL cut to $MOE_LAYERS layers, seq $SEQ" --model "$MOE_MODEL" \
+    --num-layers "$MOE_LAYERS" --seq-length "$SEQ"
 fi
 
 if [[ "$SAVE_PRESET" != "none" ]]; then

@@ -54,7 +54,7 @@ def bench() -> ModuleType:
 def run_gpu_script(out: Path, **env: str) -> subprocess.CompletedProcess[str]:
     """benchmarks/gpu_1p7b.sh in its CPU mode with this interpreter, results in `out`."""
     env = {**os.environ, "BENCH_CPU": "1", "PYTHON": sys.executable, "OUT": str(out), "WITH_HF": "0", "PACK": "0",
-           "FP8_RUNS": "none", "TORCHTITAN": "0", **env}
+           "FP8_RUNS": "none", "TORCHTITAN": "0", "LONG_SEQ": "none", "MOE_LAYERS": "none", **env}
     return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_1p7b.sh")], env=env, capture_output=True,
                           text=True, timeout=300, check=False)
 
@@ -162,7 +162,7 @@ def test_cuda_shares_count_each_kernel_once(bench: ModuleType) -> None:
 
 def test_gpu_script_on_cpu_compares_micro_batches_at_equal_samples_per_step(tmp_path: Path) -> None:
     configs = ["1:none:eager", "2:none:eager:unfused"]
-    proc = run_gpu_script(tmp_path, ITERS="1", WARMUP="0", CONFIGS=" ".join(configs))
+    proc = run_gpu_script(tmp_path, ITERS="1", WARMUP="0", CONFIGS=" ".join(configs), LONG_SEQ="128", MOE_LAYERS="1")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["samples_per_step"] == 2 and summary["best"] in configs
@@ -178,6 +178,10 @@ def test_gpu_script_on_cpu_compares_micro_batches_at_equal_samples_per_step(tmp_
         assert (tmp_path / f"profile_config_{index}" / "profile_ours_bf16.txt").is_file()
         assert f"{100 * shares['matmul']:6.1f}%" in proc.stdout
     assert "matmul    attn   optim   other    busy" in proc.stdout
+    for name, model, layers, seq in (("long_seq", "qwen3-tiny", 2, 128), ("moe", "qwen3-moe-bench", 1, 64)):
+        report = json.loads((tmp_path / f"{name}.json").read_text())
+        assert report["config"]["model"] == model and report["config"]["num_layers"] == layers
+        assert report["config"]["seq_length"] == seq and report["results"][0]["tokens_per_s"] > 0
 
 
 def test_gpu_script_on_cpu_puts_ours_bf16_fp8_and_torchtitan_side_by_side_in_three_files(tmp_path: Path) -> None:
