@@ -78,6 +78,10 @@ class Qwen3Config:
         """Whether decoder layer `layer` (0-based) has a mixture-of-experts MLP; never in a dense model."""
         return False
 
+    def expert_shape(self) -> tuple[int, int, int]:
+        """(experts, experts per token, expert FFN width); (0, 0, 0) in a dense model."""
+        return 0, 0, 0
+
     def mlp_parameters(self, layer: int, active: bool = False) -> int:
         """Parameters of layer `layer`'s MLP (`active`: those one token uses; the same for a dense MLP)."""
         return 3 * self.hidden_size * self.intermediate_size
@@ -235,6 +239,9 @@ class Qwen3MoeConfig(Qwen3Config):
                 f"Qwen3MoeConfig.moe_router_load_balancing_type must be one of {LOAD_BALANCING_TYPES}, "
                 f"got {self.moe_router_load_balancing_type!r}"
             )
+
+    def expert_shape(self) -> tuple[int, int, int]:
+        return self.num_experts, self.num_experts_per_tok, self.moe_intermediate_size
 
     def is_moe_layer(self, layer: int) -> bool:
         return (

@@ -563,7 +563,7 @@ class TrainConfig:
         if checkpoint_model is not None:
             self._check_checkpoint_shape(model_config, checkpoint_model)
         self._check_model_fits(model_config, tokenizer_vocab_size)
-        check_expert_parallel(getattr(model_config, "num_experts", 0), par.expert_model_parallel_size,
+        check_expert_parallel(model_config.expert_shape()[0], par.expert_model_parallel_size,
                               shape.dp_size, par.expert_tensor_parallel_size, par.context_parallel_size)
         if isinstance(model_config, Qwen3MoeConfig) and model_config.num_experts > 0:
             check_moe_context_parallel(model_config.moe_router_load_balancing_type, model_config.router_aux_loss_coef,

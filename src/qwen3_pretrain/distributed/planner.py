@@ -133,7 +133,7 @@ def _block_params(cfg: Qwen3Config, layout: Layout, layer: int) -> tuple[float, 
     attention = (2 * h * q + 2 * h * kv + 2 * d + 2 * h) / layout.tp
     if not cfg.is_moe_layer(layer):
         return attention + cfg.mlp_parameters(layer) / layout.tp, 0.0
-    router = h * getattr(cfg, "num_experts", 0)
+    router = h * cfg.expert_shape()[0]
     return attention + router, (cfg.mlp_parameters(layer) - router) / layout.ep
 
 
@@ -145,8 +145,8 @@ def _layer_params(cfg: Qwen3Config, layout: Layout) -> float:
 def _mlp_width(cfg: Qwen3Config, layout: Layout) -> float:
     """Intermediate MLP activations per token and device, averaged over the layers: the FFN width / tp in a dense
     layer, top-k x the expert width in a MoE layer (each token's rows run through its k experts, on every tp rank)."""
-    widths = [cfg.intermediate_size / layout.tp if not cfg.is_moe_layer(i) else
-              getattr(cfg, "num_experts_per_tok", 0) * getattr(cfg, "moe_intermediate_size", 0)
+    _, top_k, expert_ffn = cfg.expert_shape()
+    widths = [cfg.intermediate_size / layout.tp if not cfg.is_moe_layer(i) else top_k * expert_ffn
               for i in range(cfg.num_hidden_layers)]
     return sum(widths) / len(widths)
 
@@ -155,7 +155,7 @@ def _moe_routing_bytes(cfg: Qwen3Config, compute_bytes: int) -> float:
     """Bytes per token a MoE layer keeps besides its experts' intermediates, averaged over the layers: the float32
     router probabilities and the k routed copies of the token going in and coming out (`model.moe`)."""
     moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)) / cfg.num_hidden_layers
-    experts, top_k = getattr(cfg, "num_experts", 0), getattr(cfg, "num_experts_per_tok", 0)
+    experts, top_k, _ = cfg.expert_shape()
     return moe * (4 * experts + 2 * top_k * compute_bytes * cfg.hidden_size)
 
 
@@ -432,7 +432,7 @@ def all_to_all_bytes(cfg: Qwen3Config, layout: Layout, seq_length: int, global_b
     layers = math.ceil(cfg.num_hidden_layers / layout.pp)
     moe_layers = layers * sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)) / cfg.num_hidden_layers
     micro_batches = global_batch_size // (layout.micro_batch_size * layout.dp)
-    rows = layout.micro_batch_size * seq_length * getattr(cfg, "num_experts_per_tok", 0)
+    rows = layout.micro_batch_size * seq_length * cfg.expert_shape()[1]
     return 4 * (layout.ep - 1) / layout.ep * rows * 2 * cfg.hidden_size * moe_layers * micro_batches
 
 
@@ -475,7 +475,7 @@ def validate_layout(
                         layout.recompute_num_layers)
         stage_layer_counts(cfg.num_hidden_layers, layout.pp)
         check_batch_split(global_batch_size, layout.micro_batch_size, layout.dp)
-        check_expert_parallel(getattr(cfg, "num_experts", 0), layout.ep, layout.dp, None, layout.cp)
+        check_expert_parallel(cfg.expert_shape()[0], layout.ep, layout.dp, None, layout.cp)
         if isinstance(cfg, Qwen3MoeConfig):
             check_moe_context_parallel(cfg.moe_router_load_balancing_type, cfg.router_aux_loss_coef, layout.cp)
     except ConfigError as exc:
@@ -525,7 +525,7 @@ def plan(
 ) -> list[PlanRow]:
     """All valid layouts with estimates, fitting ones first, fastest first."""
     rows = []
-    for layout in enumerate_layouts(devices, num_experts=getattr(cfg, "num_experts", 0)):
+    for layout in enumerate_layouts(devices, num_experts=cfg.expert_shape()[0]):
         if validate_layout(cfg, layout, global_batch_size, seq_length):
             continue
         memory = estimate_memory(cfg, layout, seq_length, loss_chunk_tokens=loss_chunk_tokens)
